@@ -1,0 +1,129 @@
+"""What every launcher shares: flags, gin parsing, jax.distributed, process environment."""
+from __future__ import annotations
+
+import importlib
+import os
+
+_GIN_PREFIX = "--gin."
+
+
+def set_process_environment() -> None:
+  """Quiet TensorFlow and keep it off accelerators that JAX owns. Runs before imports."""
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def define_common_flags() -> None:
+  from absl import flags
+
+  flags.DEFINE_multi_string("gin_file", [], "Gin files to parse, in order.")
+  flags.DEFINE_multi_string("gin_bindings", [], "Gin bindings, e.g. 'train.train_steps = 10'.")
+  flags.DEFINE_multi_string("gin_search_paths", [], "Extra folders to look up gin files and "
+                            "their includes in.")
+  flags.DEFINE_multi_string("module_import", [], "Python modules to import before parsing gin "
+                            "(e.g. one that registers your own seqio tasks).")
+  flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() (TPU pods detect "
+                    "their peers by themselves).")
+  flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for jax.distributed.")
+  flags.DEFINE_integer("num_processes", None, "Number of processes, for jax.distributed.")
+  flags.DEFINE_integer("process_id", None, "This process's index, for jax.distributed.")
+
+
+def rewrite_gin_shortcuts(argv: list[str]) -> list[str]:
+  """`--gin.NAME=VALUE` -> `--gin_bindings=NAME = VALUE` (as t5x's launchers accept)."""
+  out = []
+  for arg in argv:
+    if arg.startswith(_GIN_PREFIX):
+      name, sep, value = arg[len(_GIN_PREFIX):].partition("=")
+      if not sep:
+        raise SystemExit(f"error: {arg!r} needs a value: --gin.{name}=VALUE")
+      out.append(f"--gin_bindings={name} = {value}")
+    else:
+      out.append(arg)
+  return out
+
+
+def parse_flags_with_gin_shortcuts(argv: list[str]):
+  from absl import flags
+  return flags.FLAGS(rewrite_gin_shortcuts(argv))
+
+
+def maybe_initialize_distributed() -> None:
+  import jax
+  from absl import flags
+
+  f = flags.FLAGS
+  address = f.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
+  num = f.num_processes or (int(os.environ["JAX_NUM_PROCESSES"])
+                            if "JAX_NUM_PROCESSES" in os.environ else None)
+  pid = f.process_id if f.process_id is not None else (
+      int(os.environ["JAX_PROCESS_ID"]) if "JAX_PROCESS_ID" in os.environ else None)
+  if address and num and num > 1:
+    jax.distributed.initialize(coordinator_address=address, num_processes=num, process_id=pid)
+  elif f.multihost:
+    jax.distributed.initialize()
+
+
+def is_bound(name: str) -> bool:
+  import gin
+  try:
+    gin.query_parameter(name)
+    return True
+  except ValueError:
+    return False
+
+
+def import_modules_and_parse_gin() -> None:
+  """Imports the project's configurables and the user's modules, then parses gin."""
+  import gin
+  from absl import flags
+
+  f = flags.FLAGS
+  for module in ("pali.models.pali", "pali.training.trainer", "pali.partitioning",
+                 "pali.training.optimizer"):
+    importlib.import_module(module)
+  repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  for path in [repo_root, os.path.join(repo_root, "gin_configs")] + list(f.gin_search_paths):
+    gin.add_config_file_search_path(path)
+  for module in f.module_import:
+    try:
+      importlib.import_module(module)
+    except ImportError as e:
+      raise SystemExit(f"error: --module_import={module!r} could not be imported: {e}. Is it on "
+                       "PYTHONPATH?") from e
+  try:
+    gin.parse_config_files_and_bindings(f.gin_file, f.gin_bindings, finalize_config=False)
+  except (ValueError, SyntaxError, OSError) as e:
+    raise SystemExit(f"error: the gin configuration is invalid: {e}\nCheck the binding's name "
+                     "(configurable.parameter) against the gin files in gin_configs/ and "
+                     "docs of `train`.") from e
+  _check_required_macros()
+  gin.finalize()
+
+
+def _check_required_macros() -> None:
+  """MODEL_DIR and MIXTURE are required: say so by name before anything runs."""
+  import gin
+  for macro in ("MODEL_DIR", "MIXTURE"):
+    try:
+      value = gin.query_parameter(f"%{macro}")
+    except ValueError:
+      value = None
+    if value in (None, ""):
+      raise SystemExit(f"error: the gin macro {macro} is not set. Add --gin.{macro}=\"'...'\" "
+                       "or bind it in your gin file.")
+
+
+def save_operative_config(model_dir: str | None) -> None:
+  import gin
+  import jax
+  if not model_dir or jax.process_index() != 0:
+    return
+  os.makedirs(model_dir, exist_ok=True)
+  with open(os.path.join(model_dir, "config.gin"), "w") as fh:
+    fh.write(gin.config_str())
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+  """Errors that are the user's to fix: printed as one message, exit code 2."""
+  from pali.training import validation
+  return (validation.ConfigError,)

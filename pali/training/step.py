@@ -1,0 +1,111 @@
+"""The jitted train and eval steps.
+
+The loss is normalised by the weight sum of the whole global batch, so 1 device, 8 devices and
+any number of accumulation microbatches give the same gradients (up to float rounding).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from pali.training import losses
+from pali.training.train_state import TrainState
+
+_METRIC_SUMS = ("loss", "z_loss", "correct", "weight_sum")
+
+
+def _split_microbatches(batch: dict, num: int) -> dict:
+  """[B, ...] -> [num, B/num, ...], microbatch i = rows i, i+num, ... so that every device keeps
+  its own rows (a sharded batch axis needs no communication)."""
+
+  def split(x):
+    x = x.reshape((x.shape[0] // num, num) + x.shape[1:])
+    x = jnp.swapaxes(x, 0, 1)
+    return nn.with_logical_constraint(x, (None, "batch") + (None,) * (x.ndim - 2))
+
+  return jax.tree_util.tree_map(split, batch)
+
+
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
+                    schedule: Callable[[Any], Any], *, frozen: Any = None,
+                    grad_accum_steps: int = 1, z_loss: float = 1e-4,
+                    label_smoothing: float = 0.0, skip_nonfinite: bool = True):
+  """Returns `step(state, batch, dropout_rng) -> (state, metrics)` (not yet jitted).
+
+  `frozen` is a tree of bools like the parameters: their gradients are stopped (XLA then skips
+  that backward work). A non-finite loss or gradient norm leaves the state unchanged and sets
+  metrics['nonfinite'] = 1, so a NaN update can never reach a checkpoint.
+  """
+
+  def loss_fn(params, micro, rng, total_weight):
+    if frozen is not None:
+      params = jax.tree_util.tree_map(
+          lambda p, f: jax.lax.stop_gradient(p) if f else p, params, frozen)
+    logits = model.apply({"params": params}, micro, train=True, rngs={"dropout": rng})
+    loss_sum, sums = losses.compute_loss(
+        logits, micro["decoder_target_tokens"], micro["decoder_loss_weights"],
+        z_loss=z_loss, label_smoothing=label_smoothing)
+    return loss_sum / total_weight, sums
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def step(state: TrainState, batch: dict, dropout_rng: jax.Array):
+    rng = jax.random.fold_in(dropout_rng, state.step)
+    total_weight = jnp.maximum(jnp.sum(batch["decoder_loss_weights"].astype(jnp.float32)), 1e-8)
+    if grad_accum_steps == 1:
+      (_, sums), grads = grad_fn(state.params, batch, rng, total_weight)
+    else:
+      micro = _split_microbatches(batch, grad_accum_steps)
+
+      def body(carry, xs):
+        grads_acc, sums_acc = carry
+        mb, i = xs
+        (_, s), g = grad_fn(state.params, mb, jax.random.fold_in(rng, i), total_weight)
+        return (jax.tree_util.tree_map(jnp.add, grads_acc, g),
+                jax.tree_util.tree_map(jnp.add, sums_acc, s)), None
+
+      zeros_g = jax.tree_util.tree_map(jnp.zeros_like, state.params)
+      zeros_s = {k: jnp.zeros((), jnp.float32) for k in _METRIC_SUMS}
+      (grads, sums), _ = jax.lax.scan(
+          body, (zeros_g, zeros_s), (micro, jnp.arange(grad_accum_steps)))
+
+    grad_norm = optax.global_norm(grads)
+    updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    loss = sums["loss"] / total_weight
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    if skip_nonfinite:
+      keep = lambda new, old: jax.tree_util.tree_map(  # noqa: E731
+          lambda n, o: jnp.where(finite, n, o), new, old)
+      new_params = keep(new_params, state.params)
+      new_opt_state = keep(new_opt_state, state.opt_state)
+    new_state = TrainState(step=state.step + 1, params=new_params, opt_state=new_opt_state)
+    metrics = {
+        "loss": loss,
+        "z_loss": sums["z_loss"] / total_weight,
+        "accuracy": sums["correct"] / total_weight,
+        "weight_sum": sums["weight_sum"],
+        "grad_norm": grad_norm,
+        "param_norm": optax.global_norm(new_params),
+        "learning_rate": jnp.asarray(schedule(state.step), jnp.float32),
+        "nonfinite": 1 - finite.astype(jnp.int32),
+    }
+    return new_state, metrics
+
+  return step
+
+
+def make_eval_step(model: nn.Module, *, z_loss: float = 0.0):
+  """Teacher-forced loss sums on one batch: `eval_step(params, batch) -> metric sums`."""
+
+  def eval_step(params, batch):
+    logits = model.apply({"params": params}, batch, train=False)
+    _, sums = losses.compute_loss(logits, batch["decoder_target_tokens"],
+                                  batch["decoder_loss_weights"], z_loss=z_loss)
+    return sums
+
+  return eval_step

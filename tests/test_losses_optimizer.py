@@ -1,0 +1,82 @@
+"""Loss values against hand computation; schedules; freezing keeps no optimizer state."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from pali.training import losses, optimizer
+
+
+def test_cross_entropy_and_z_loss_by_hand():
+  logits = jnp.array([[[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]]])
+  targets = jnp.array([[0, 2]])
+  weights = jnp.array([[1.0, 0.5]])
+  loss, m = losses.compute_loss(logits, targets, weights, z_loss=1e-2)
+  z0 = np.log(np.exp(2) + 2)
+  z1 = np.log(np.e + 2)
+  xent = (z0 - 2.0) * 1.0 + (z1 - 0.0) * 0.5
+  zl = 1e-2 * (z0**2 * 1.0 + z1**2 * 0.5)
+  np.testing.assert_allclose(loss, xent + zl, rtol=1e-6)
+  np.testing.assert_allclose(m["z_loss"], zl, rtol=1e-6)
+  assert float(m["correct"]) == 1.0  # first position right (weight 1), second wrong
+  assert float(m["weight_sum"]) == 1.5
+
+
+def test_label_smoothing_perfect_prediction_scores_zero():
+  # With smoothing s over V classes, the optimum distribution is the smoothed target itself.
+  v, s = 4, 0.1
+  q = np.full(v, s / (v - 1)); q[1] = 1 - s
+  logits = jnp.log(jnp.asarray(q))[None, None]
+  loss, _ = losses.compute_loss(logits, jnp.array([[1]]), jnp.ones((1, 1)), z_loss=0.0,
+                                label_smoothing=s)
+  np.testing.assert_allclose(loss, 0.0, atol=1e-6)
+
+
+def test_rsqrt_schedule_values():
+  sched = optimizer.learning_rate_schedule("rsqrt", base_learning_rate=0.01, warmup_steps=100)
+  np.testing.assert_allclose(sched(50), 0.005, rtol=1e-6)      # linear warm-up
+  np.testing.assert_allclose(sched(100), 0.01, rtol=1e-6)
+  np.testing.assert_allclose(sched(400), 0.005, rtol=1e-6)     # 0.01 * sqrt(100/400)
+  offset = optimizer.learning_rate_schedule("rsqrt", base_learning_rate=0.01, warmup_steps=100,
+                                            step_offset=300)
+  np.testing.assert_allclose(offset(100), sched(400), rtol=1e-6)  # continues across stages
+
+
+def test_cosine_and_constant_schedules():
+  cos = optimizer.learning_rate_schedule("cosine", base_learning_rate=1.0, warmup_steps=10,
+                                         total_steps=110)
+  np.testing.assert_allclose(cos(10), 1.0, rtol=1e-6)
+  np.testing.assert_allclose(cos(60), 0.5, atol=1e-6)
+  const = optimizer.learning_rate_schedule("constant", base_learning_rate=0.3, warmup_steps=0)
+  np.testing.assert_allclose(const(1234), 0.3)
+  with pytest.raises(ValueError, match="rsqrt"):
+    optimizer.learning_rate_schedule("linear")
+
+
+def _params():
+  return {"vit": {"kernel": jnp.ones((256, 256)), "bias": jnp.ones((256,))},
+          "encoder": {"kernel": jnp.ones((256, 256))}}
+
+
+@pytest.mark.parametrize("name", ["adafactor", "adamw"])
+def test_frozen_parameters_hold_no_optimizer_state_and_do_not_move(name):
+  params = _params()
+  tx = optimizer.create_optimizer(params, name=name, schedule=optax.constant_schedule(0.1),
+                                  frozen_patterns=["^vit/"])
+  state = tx.init(params)
+  unfrozen = optimizer.create_optimizer({"encoder": params["encoder"]}, name=name,
+                                        schedule=optax.constant_schedule(0.1))
+  # Same optimizer-state size as if the ViT did not exist.
+  size = lambda t: sum(x.size for x in jax.tree_util.tree_leaves(t))  # noqa: E731
+  assert size(state) == size(unfrozen.init({"encoder": params["encoder"]}))
+  grads = jax.tree_util.tree_map(lambda p: jnp.full_like(p, 0.5), params)
+  updates, _ = tx.update(grads, state, params)
+  new = optax.apply_updates(params, updates)
+  np.testing.assert_array_equal(new["vit"]["kernel"], params["vit"]["kernel"])
+  assert not np.allclose(new["encoder"]["kernel"], params["encoder"]["kernel"])
+
+
+def test_frozen_pattern_that_matches_nothing_is_an_error():
+  with pytest.raises(ValueError, match="match no parameter"):
+    optimizer.create_optimizer(_params(), frozen_patterns=["^nothing/"])
