@@ -243,34 +243,55 @@ def temperature_sample(tokens_to_logits: TokensToLogits, init_cache: Any, batch_
 # --------------------------------------------------------------------------------------------
 
 
-def _batch_axis(x: jax.Array, n: int) -> Optional[int]:
-  if x.ndim == 0:
-    return None
-  if x.shape[0] == n:
+NO_BATCH_AXIS = -1
+
+
+def _batch_axis(x: jax.Array, n: int) -> int:
+  """Heuristic batch axis of a cache leaf: 0, else 1 (scanned stacks), else none."""
+  if x.ndim >= 1 and x.shape[0] == n:
     return 0
   if x.ndim >= 2 and x.shape[1] == n:
     return 1
-  raise ValueError(
-      f"Cache leaf of shape {x.shape} has no batch axis of size {n} at axis 0 or 1; beam search "
-      "needs the batch first (or second, for scanned layer stacks).")
+  return NO_BATCH_AXIS
 
 
-def expand_cache(cache: Any, batch_size: int, beam_size: int) -> Any:
+def infer_cache_batch_axes(make_cache_shapes: Callable[[int], Any], batch_size: int) -> Any:
+  """Exact batch axes of a cache: compares the (abstract) caches for two batch sizes.
+
+  ``make_cache_shapes(n)`` returns the cache pytree (arrays or ShapeDtypeStructs) for batch n.
+  Returns a pytree of ints (``NO_BATCH_AXIS`` for leaves without a batch axis, such as
+  ``cache_index``), for ``beam_search(cache_batch_axes=...)``.
+  """
+  a, b = make_cache_shapes(batch_size), make_cache_shapes(batch_size + 1)
+  def axis(x, y):
+    diff = [i for i, (p, q) in enumerate(zip(x.shape, y.shape)) if p != q]
+    return diff[0] if diff else NO_BATCH_AXIS
+  return jax.tree_util.tree_map(axis, a, b)
+
+
+def _axes_tree(cache, n, axes):
+  if axes is None:
+    return jax.tree_util.tree_map(lambda x: _batch_axis(x, n), cache)
+  return axes
+
+
+def expand_cache(cache: Any, batch_size: int, beam_size: int, axes: Any = None) -> Any:
   """Repeats every batched cache leaf ``beam_size`` times: [B, ...] -> [B * beam, ...]
-  (row b * beam + k is beam k of example b). Rank-0 leaves are left alone."""
-  def f(x):
-    ax = _batch_axis(x, batch_size)
-    return x if ax is None else jnp.repeat(x, beam_size, axis=ax)
-  return jax.tree_util.tree_map(f, cache)
+  (row b * beam + k is beam k of example b). ``axes``: pytree of batch axes (see
+  ``infer_cache_batch_axes``); by default axis 0 if its size is B, else axis 1 if its size is
+  B (scanned layer stacks [layers, B, ...]), else the leaf is shared (e.g. ``cache_index``)."""
+  def f(x, ax):
+    return x if ax == NO_BATCH_AXIS else jnp.repeat(x, beam_size, axis=ax)
+  return jax.tree_util.tree_map(f, cache, _axes_tree(cache, batch_size, axes))
 
 
-def gather_cache(cache: Any, flat_index: jax.Array) -> Any:
-  """Reorders batched cache leaves [N, ...] by ``flat_index`` int32 [N]."""
+def gather_cache(cache: Any, flat_index: jax.Array, axes: Any = None) -> Any:
+  """Reorders batched cache leaves [N, ...] by ``flat_index`` int32 [N] (axes as in
+  ``expand_cache``)."""
   n = flat_index.shape[0]
-  def f(x):
-    ax = _batch_axis(x, n)
-    return x if ax is None else jnp.take(x, flat_index, axis=ax)
-  return jax.tree_util.tree_map(f, cache)
+  def f(x, ax):
+    return x if ax == NO_BATCH_AXIS else jnp.take(x, flat_index, axis=ax)
+  return jax.tree_util.tree_map(f, cache, _axes_tree(cache, n, axes))
 
 
 def length_penalty(length, alpha: float):
@@ -280,8 +301,8 @@ def length_penalty(length, alpha: float):
 
 def beam_search(tokens_to_logits: TokensToLogits, init_cache: Any, batch_size: int,
                 max_len: int, beam_size: int = 4, *, alpha: float = 0.0,
-                eos_id: int = EOS_ID, trie: Optional[Trie] = None
-                ) -> tuple[jax.Array, jax.Array]:
+                eos_id: int = EOS_ID, trie: Optional[Trie] = None,
+                cache_batch_axes: Any = None) -> tuple[jax.Array, jax.Array]:
   """Beam search with the GNMT length penalty ``((5 + len) / 6) ** alpha``.
 
   ``init_cache`` has batch ``batch_size``; it is expanded to ``batch_size * beam_size`` here
@@ -295,12 +316,16 @@ def beam_search(tokens_to_logits: TokensToLogits, init_cache: Any, batch_size: i
   length ``max_len``); finished ones compete with them on score, as in greedy decoding where a
   truncated row is returned as is. Stops early when no alive beam can beat the worst finished.
 
+  ``cache_batch_axes``: the batch axis of every cache leaf (see ``infer_cache_batch_axes``);
+  by default guessed from the shapes (axis 0, else 1, of size B; otherwise shared).
+
   Returns (tokens int32 [B, beam, max_len] best first, scores float32 [B, beam]). Slots with
   no valid hypothesis (possible only with a trie of fewer than ``beam`` sequences) have score
   ``<= NEG_INF / 2`` and all-pad tokens.
   """
   B, K, L = batch_size, beam_size, max_len
-  cache = expand_cache(init_cache, B, K)
+  cache_batch_axes = _axes_tree(init_cache, B, cache_batch_axes)
+  cache = expand_cache(init_cache, B, K, cache_batch_axes)
   inv_lp_max = 1.0 / length_penalty(L, alpha)
 
   # Only beam 0 is live at the start, so the first step does not pick K copies of one token.
@@ -351,7 +376,7 @@ def beam_search(tokens_to_logits: TokensToLogits, init_cache: Any, batch_size: i
     src_beam = jnp.take_along_axis(top_beam, sel, axis=1)
     src_tok = jnp.take_along_axis(top_tok, sel, axis=1)
     flat = (jnp.arange(B)[:, None] * K + src_beam).reshape(-1)
-    new_cache = gather_cache(new_cache, flat)
+    new_cache = gather_cache(new_cache, flat, cache_batch_axes)
     new_node = s["alive_node"]
     if trie is not None:
       new_node = trie.next_nodes(jnp.take_along_axis(s["alive_node"], src_beam, axis=1),
@@ -393,6 +418,8 @@ def decode_batch(model, params, batch: dict, *, max_decode_len: int, method: str
 
   method: 'greedy' | 'sample' (``rng`` required; kwargs temperature/top_k/top_p) | 'beam'
   (``beam_size``, kwargs alpha). ``trie=`` and ``eos_id=`` pass through to all of them.
+  The cache starts as zeros of the shapes ``model.init`` gives (no forward pass); for beam
+  search its batch axes are found exactly (``infer_cache_batch_axes``).
   Returns (tokens, scores) as the chosen decoder does ([B, L] or [B, beam, L]). Traceable:
   wrap in ``jax.jit`` with ``model``, ``max_decode_len`` and ``method`` static.
   """
@@ -400,11 +427,19 @@ def decode_batch(model, params, batch: dict, *, max_decode_len: int, method: str
   encoded, encoder_mask = model.apply(
       variables, batch["images"], batch["image_mask"], batch["encoder_input_tokens"],
       method=model.encode)
-  B = encoded.shape[0]
-  L = max_decode_len
-  cache = model.init(jax.random.PRNGKey(0), encoded, encoder_mask, jnp.zeros((B, L), jnp.int32),
-                     decode=True, max_decode_length=L, method=model.decode)["cache"]
+  B, L = encoded.shape[0], max_decode_len
+
+  def cache_shapes(n):  # abstract: no forward pass, no parameters materialised
+    enc = jax.ShapeDtypeStruct((n,) + encoded.shape[1:], encoded.dtype)
+    mask = jax.ShapeDtypeStruct((n,) + encoder_mask.shape[1:], encoder_mask.dtype)
+    return jax.eval_shape(
+        lambda e, m: model.init(jax.random.PRNGKey(0), e, m, jnp.zeros((n, L), jnp.int32),
+                                decode=True, max_decode_length=L,
+                                method=model.decode)["cache"], enc, mask)
+
+  cache = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), cache_shapes(B))
   if method == "beam":
+    kwargs.setdefault("cache_batch_axes", infer_cache_batch_axes(cache_shapes, B))
     encoded = jnp.repeat(encoded, beam_size, axis=0)
     encoder_mask = jnp.repeat(encoder_mask, beam_size, axis=0)
 
