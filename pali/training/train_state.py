@@ -27,6 +27,14 @@ class TrainState:
   opt_state: Any
 
 
+def unbox_abstract(tree):
+  """Strips partitioning boxes without applying their sharding constraints (which only make
+  sense on traced arrays, not on eval_shape results)."""
+  is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)  # noqa: E731
+  return jax.tree_util.tree_map(lambda x: x.unbox(apply_constraint=False) if is_box(x) else x,
+                                tree, is_leaf=is_box)
+
+
 def _opt_leaf_spec(leaf, param_spec: P, param_shape) -> P:
   """A spec for an optimizer-state leaf that mirrors a parameter.
 
@@ -45,21 +53,31 @@ def _opt_leaf_spec(leaf, param_spec: P, param_shape) -> P:
   return P()
 
 
-def opt_state_specs(tx: optax.GradientTransformation, abstract_opt_state, param_specs,
-                    abstract_params):
-  """PartitionSpecs for an optax state, leaf by leaf, from the parameters' specs."""
-  shapes = jax.tree_util.tree_map(lambda x: tuple(x.shape), abstract_params)
-  pairs = jax.tree_util.tree_map(lambda s, sh: (s, sh), param_specs, shapes,
-                                 is_leaf=lambda x: isinstance(x, P))
+def opt_state_specs(abstract_opt_state, param_specs, abstract_params):
+  """PartitionSpecs for an optax state, leaf by leaf, from the parameters' specs.
 
-  def leaf_spec(leaf, pair):
-    spec, shape = pair
-    return _opt_leaf_spec(leaf, spec, shape)
+  A state leaf belongs to the parameter whose dict-key path ends its own path (optax nests
+  parameter-shaped trees such as `mu`, `nu`, `v_row` inside its state tuples, and multi_transform
+  masks frozen parameters out); leaves that belong to no parameter (counts) are replicated.
+  """
+  flat_specs = {tuple(k.key for k in path): spec for path, spec in
+                jax.tree_util.tree_flatten_with_path(
+                    param_specs, is_leaf=lambda x: isinstance(x, P))[0]}
+  flat_shapes = {tuple(k.key for k in path): tuple(x.shape) for path, x in
+                 jax.tree_util.tree_flatten_with_path(abstract_params)[0]}
 
-  return optax.tree_map_params(
-      tx, leaf_spec, abstract_opt_state, pairs,
-      transform_non_params=lambda _: P(),
-      is_leaf=lambda x: isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], P))
+  def leaf_spec(path, leaf):
+    keys = []
+    for entry in reversed(path):
+      if not isinstance(entry, jax.tree_util.DictKey):
+        break
+      keys.insert(0, entry.key)
+    keys = tuple(keys)
+    if keys in flat_specs:
+      return _opt_leaf_spec(leaf, flat_specs[keys], flat_shapes[keys])
+    return P()
+
+  return jax.tree_util.tree_map_with_path(leaf_spec, abstract_opt_state)
 
 
 def abstract_state(model: nn.Module, tx_fn: Callable[[Any], optax.GradientTransformation],
@@ -72,10 +90,10 @@ def abstract_state(model: nn.Module, tx_fn: Callable[[Any], optax.GradientTransf
 
   boxed = jax.eval_shape(init_params, jax.random.key(seed))
   param_specs = nn.logical_to_mesh(nn.get_partition_spec(boxed), rules)
-  abstract_params = nn.meta.unbox(boxed)
+  abstract_params = unbox_abstract(boxed)
   tx = tx_fn(abstract_params)
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
-  opt_specs = opt_state_specs(tx, abstract_opt, param_specs, abstract_params)
+  opt_specs = opt_state_specs(abstract_opt, param_specs, abstract_params)
   specs = TrainState(step=P(), params=param_specs, opt_state=opt_specs)
   shardings = jax.tree_util.tree_map(lambda s: NamedSharding(mesh, s), specs,
                                      is_leaf=lambda x: isinstance(x, P))
