@@ -12,6 +12,22 @@ def set_process_environment() -> None:
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
+class _QuietLibraries:
+  """Keeps library INFO chatter (orbax's per-save lines, XLA backend probing) off the console;
+  warnings and errors still pass."""
+  _NOISY = ("/orbax/", "/jax/_src/", "/etils/")
+
+  def filter(self, record) -> bool:
+    import logging as py_logging
+    return record.levelno >= py_logging.WARNING or not any(
+        n in record.pathname for n in self._NOISY)
+
+
+def quiet_library_logs() -> None:
+  from absl import logging
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+
+
 def define_common_flags() -> None:
   from absl import flags
 
@@ -79,7 +95,7 @@ def import_modules_and_parse_gin() -> None:
 
   f = flags.FLAGS
   for module in ("pali.models.pali", "pali.training.trainer", "pali.partitioning",
-                 "pali.training.optimizer"):
+                 "pali.training.optimizer", "pali.warm_start", "tasks"):
     importlib.import_module(module)
   repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   for path in [repo_root, os.path.join(repo_root, "gin_configs")] + list(f.gin_search_paths):
@@ -111,16 +127,6 @@ def _check_required_macros() -> None:
     if value in (None, ""):
       raise SystemExit(f"error: the gin macro {macro} is not set. Add --gin.{macro}=\"'...'\" "
                        "or bind it in your gin file.")
-
-
-def save_operative_config(model_dir: str | None) -> None:
-  import gin
-  import jax
-  if not model_dir or jax.process_index() != 0:
-    return
-  os.makedirs(model_dir, exist_ok=True)
-  with open(os.path.join(model_dir, "config.gin"), "w") as fh:
-    fh.write(gin.config_str())
 
 
 def user_errors() -> tuple[type[Exception], ...]:

@@ -27,21 +27,17 @@ launch_utils.define_common_flags()
 
 def main(argv):
   del argv
+  launch_utils.quiet_library_logs()
   launch_utils.maybe_initialize_distributed()
-  import gin
-
   from pali.training import trainer
 
   launch_utils.import_modules_and_parse_gin()
-  model_dir = gin.query_parameter("train.model_dir") if launch_utils.is_bound(
-      "train.model_dir") else None
   try:
     result = trainer.train()
   except launch_utils.user_errors() as e:
     logging.error("%s", e)
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
-  launch_utils.save_operative_config(model_dir)
   logging.info("Training finished at step %d%s.", result.step,
                " (preempted)" if result.preempted else "")
 

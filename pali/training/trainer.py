@@ -61,7 +61,9 @@ def _batch_tokens(batch_shapes: Mapping[str, tuple], patches_per_image: int) -> 
               + batch_shapes["decoder_target_tokens"][1])
 
 
-@gin.configurable(denylist=["model", "dataset_fn"])
+# `dataset_fn` is configurable (`train.dataset_fn = @my_fn`) so tests and users can swap the
+# data source without code; `model` stays denylisted (gin builds it through build_model).
+@gin.configurable(denylist=["model"])
 def train(*, model_dir: str = gin.REQUIRED, mixture: str = gin.REQUIRED,
           train_steps: int = gin.REQUIRED, batch_size: int = gin.REQUIRED,
           task_feature_lengths: Mapping[str, int] = gin.REQUIRED, image_size: int = 224,
@@ -130,6 +132,7 @@ def train(*, model_dir: str = gin.REQUIRED, mixture: str = gin.REQUIRED,
                      out_shardings=(shardings, repl), donate_argnums=(0,))
     dropout_rng = jax.device_put(jax.random.key(seed + 1), repl)
 
+    _save_config(model_dir)
     writer = metric_writers.create_default_writer(
         os.path.join(model_dir, "train"), just_logging=host_id > 0, asynchronous=True)
     global_shapes = {k: (batch_size,) + v.shape[1:] for k, v in dummy.items()}
@@ -209,6 +212,13 @@ def model_for_image_size(image_size: int):
   if config.vit.posemb_grid != grid:
     config = dataclasses.replace(config, vit=dataclasses.replace(config.vit, posemb_grid=grid))
   return pali_model.build_model(config)
+
+
+def _save_config(model_dir: str) -> None:
+  """The gin configuration of this run, next to its checkpoints (as t5x keeps config.gin)."""
+  if jax.process_index() == 0:
+    with open(os.path.join(model_dir, "config.gin"), "w") as fh:
+      fh.write(gin.config_str())
 
 
 def _fetch(pending):
