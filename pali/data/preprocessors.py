@@ -122,9 +122,17 @@ def add_empty_images(x):
 
 # ---- tokens --------------------------------------------------------------------------------
 def tokenize(dataset, output_features):
-  """Tokenises the string `inputs` / `targets` (no EOS yet, no `*_pretokenized` copies)."""
-  return seqio.preprocessors.tokenize(dataset, output_features, copy_pretokenized=False,
-                                      with_eos=False)
+  """Tokenises `inputs` / `targets` where they are still strings (no EOS yet, no
+  `*_pretokenized` copies); token features pass through."""
+
+  def fn(x):
+    x = dict(x)
+    for k in ("inputs", "targets"):
+      if k in x and x[k].dtype == tf.string:
+        x[k] = tf.cast(output_features[k].vocabulary.encode_tf(x[k]), tf.int32)
+    return x
+
+  return dataset.map(fn, num_parallel_calls=tf.data.AUTOTUNE)
 
 
 def finalize(dataset, sequence_length, output_features=None):

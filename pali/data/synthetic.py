@@ -13,6 +13,7 @@ Splits: 'train' and 'validation', which never share an example.
 """
 import os
 import secrets
+import zlib
 from typing import Mapping
 
 import numpy as np
@@ -49,12 +50,18 @@ def index_source(num_examples: Mapping[str, int], salt: int = 1) -> seqio.DataSo
                                   num_input_examples=dict(num_examples))
 
 
-def shapes_source() -> seqio.DataSource:
-  return index_source(SCENE_EXAMPLES, salt=1)
+def _salt(name: str) -> int:
+  return zlib.crc32(name.encode()) & 0x7FFFFFFF
 
 
-def text_image_source() -> seqio.DataSource:
-  return index_source(TEXT_EXAMPLES, salt=2)
+def shapes_source(task_name: str = "") -> seqio.DataSource:
+  """Shapes scene indices; each task passes its name so that tasks sharing the scenes visit
+  them in different orders."""
+  return index_source(SCENE_EXAMPLES, salt=_salt("shapes" + task_name))
+
+
+def text_image_source(task_name: str = "") -> seqio.DataSource:
+  return index_source(TEXT_EXAMPLES, salt=_salt("text" + task_name))
 
 
 def _bytes_list(xs):

@@ -23,7 +23,7 @@ from typing import Dict, List
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2
 # Skipped parts of the stdlib: tests, bundled third-party code, GUI demos.
 _SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "lib2to3",
               "idlelib", "turtledemo", "ensurepip", "__pycache__", "pydoc_data"}
@@ -44,12 +44,18 @@ def _stdlib_files() -> List[str]:
 
 
 def clean_text(text: str) -> str:
-  """Cleans one docstring: NFC, no control characters but newlines, no trailing spaces,
-  at most one blank line in a row, no leading/trailing blank lines."""
+  """Cleans one docstring: NFC; no control characters but newlines; tabs to spaces; runs of
+  spaces inside a line collapsed; lines that are mostly punctuation (ASCII art, tables)
+  dropped; at most one blank line in a row; no leading/trailing blank lines."""
   text = unicodedata.normalize("NFC", text)
   text = text.replace("\t", "    ")
   text = "".join(c for c in text if c == "\n" or unicodedata.category(c)[0] != "C")
-  lines = [l.rstrip() for l in text.split("\n")]
+  lines = []
+  for l in text.split("\n"):
+    l = re.sub(r"(?<=\S) {2,}", " ", l.rstrip())  # keep indentation, collapse inner runs
+    if len(l.strip()) > 8 and sum(c.isalnum() for c in l) < 0.4 * len(l.strip()):
+      continue  # ASCII art, tables, rules
+    lines.append(l)
   text = "\n".join(lines)
   text = re.sub(r"\n{3,}", "\n\n", text)
   return text.strip()

@@ -185,11 +185,14 @@ class PaliVocabulary(seqio.Vocabulary):
     # Built lazily (and once per vocabulary) so that pickling / gin never see TF objects.
     with self._lock:
       if self._tf_state is None:
-        tokenizer = tf_text.SentencepieceTokenizer(model=self._model_bytes, out_type=tf.int32)
-        table = tf.lookup.StaticHashTable(
-            tf.lookup.KeyValueTensorInitializer(
-                tf.constant(self._special), tf.range(len(self._special), dtype=tf.int32)
-                + self._sp_size), default_value=-1)
+        # Eager resources (init_scope), so that every dataset function can capture them.
+        with tf.init_scope():
+          tokenizer = tf_text.SentencepieceTokenizer(model=self._model_bytes,
+                                                     out_type=tf.int32)
+          table = tf.lookup.StaticHashTable(
+              tf.lookup.KeyValueTensorInitializer(
+                  tf.constant(self._special), tf.range(len(self._special), dtype=tf.int32)
+                  + self._sp_size), default_value=-1)
         self._tf_state = (tokenizer, table)
       return self._tf_state
 
