@@ -88,45 +88,57 @@ def is_bound(name: str) -> bool:
     return False
 
 
-def import_modules_and_parse_gin() -> None:
-  """Imports the project's configurables and the user's modules, then parses gin."""
-  import gin
-  from absl import flags
+_PROJECT_MODULES = ("pali.models.pali", "pali.training.trainer", "pali.partitioning",
+                    "pali.training.optimizer", "pali.warm_start", "tasks")
 
-  f = flags.FLAGS
-  for module in ("pali.models.pali", "pali.training.trainer", "pali.partitioning",
-                 "pali.training.optimizer", "pali.warm_start", "tasks"):
+
+def parse_gin(gin_files=(), gin_bindings=(), *, module_imports=(), search_paths=(),
+              required_macros=("MODEL_DIR", "MIXTURE"), finalize=True) -> None:
+  """Imports the project's configurables and the user's modules, then parses gin.
+
+  Raises ConfigError (from pali.training.validation) with a message naming the problem.
+  """
+  import gin
+
+  from pali.training.validation import ConfigError
+
+  for module in _PROJECT_MODULES:
     importlib.import_module(module)
   repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  for path in [repo_root, os.path.join(repo_root, "gin_configs")] + list(f.gin_search_paths):
+  for path in [repo_root, os.path.join(repo_root, "gin_configs")] + list(search_paths):
     gin.add_config_file_search_path(path)
-  for module in f.module_import:
+  for module in module_imports:
     try:
       importlib.import_module(module)
     except ImportError as e:
-      raise SystemExit(f"error: --module_import={module!r} could not be imported: {e}. Is it on "
-                       "PYTHONPATH?") from e
+      raise ConfigError(f"--module_import={module!r} could not be imported: {e}. Is it on "
+                        "PYTHONPATH?") from e
   try:
-    gin.parse_config_files_and_bindings(f.gin_file, f.gin_bindings, finalize_config=False)
-  except (ValueError, SyntaxError, OSError) as e:
-    raise SystemExit(f"error: the gin configuration is invalid: {e}\nCheck the binding's name "
-                     "(configurable.parameter) against the gin files in gin_configs/ and "
-                     "docs of `train`.") from e
-  _check_required_macros()
-  gin.finalize()
-
-
-def _check_required_macros() -> None:
-  """MODEL_DIR and MIXTURE are required: say so by name before anything runs."""
-  import gin
-  for macro in ("MODEL_DIR", "MIXTURE"):
+    gin.parse_config_files_and_bindings(list(gin_files), list(gin_bindings),
+                                        finalize_config=False)
+  except (ValueError, SyntaxError, OSError, KeyError) as e:
+    raise ConfigError(f"The gin configuration is invalid: {e}\nCheck each binding's name "
+                      "(configurable.parameter) against the gin files in gin_configs/ and the "
+                      "README's list of bindings.") from e
+  for macro in required_macros:
     try:
       value = gin.query_parameter(f"%{macro}")
     except ValueError:
       value = None
     if value in (None, ""):
-      raise SystemExit(f"error: the gin macro {macro} is not set. Add --gin.{macro}=\"'...'\" "
-                       "or bind it in your gin file.")
+      raise ConfigError(f"The gin macro {macro} is not set. Add --gin.{macro}=\"'...'\" or bind "
+                        "it in your gin file.")
+  if finalize:
+    gin.finalize()
+
+
+def import_modules_and_parse_gin(required_macros=("MODEL_DIR", "MIXTURE")) -> None:
+  """parse_gin() from the command-line flags."""
+  from absl import flags
+
+  f = flags.FLAGS
+  parse_gin(f.gin_file, f.gin_bindings, module_imports=f.module_import,
+            search_paths=f.gin_search_paths, required_macros=required_macros)
 
 
 def user_errors() -> tuple[type[Exception], ...]:

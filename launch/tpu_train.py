@@ -31,13 +31,17 @@ def main(argv):
   launch_utils.maybe_initialize_distributed()
   from pali.training import trainer
 
-  launch_utils.import_modules_and_parse_gin()
   try:
+    launch_utils.import_modules_and_parse_gin()
     result = trainer.train()
   except launch_utils.user_errors() as e:
     logging.error("%s", e)
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+  except trainer.NonFiniteLossError as e:
+    logging.error("%s", e)
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(3)
   logging.info("Training finished at step %d%s.", result.step,
                " (preempted)" if result.preempted else "")
 

@@ -18,6 +18,7 @@ from absl import logging
 from clu import metric_writers
 
 from pali import checkpoints, partitioning
+from pali.evaluation import evaluator as evaluator_lib  # in-training eval lives there
 from pali.training import optimizer as optimizer_lib
 from pali.training import step as step_lib
 from pali.training import train_state as train_state_lib
@@ -71,14 +72,23 @@ def train(*, model_dir: str = gin.REQUIRED, mixture: str = gin.REQUIRED,
           keep_checkpoints: int = 3, log_every: int = 50, grad_accum_steps: int = 1,
           z_loss: float = 1e-4, label_smoothing: float = 0.0, on_nonfinite: str = "stop",
           init_from: str | None = None, frozen_patterns: tuple[str, ...] = (), model=None,
-          dataset_fn: Callable[..., Any] | None = None) -> TrainResult:
-  """Trains until `train_steps` (resuming from the latest checkpoint in `model_dir`)."""
+          dataset_fn: Callable[..., Any] | None = None, eval_every: int = 0,
+          eval_mixture: str | None = None, final_eval: bool = False) -> TrainResult:
+  """Trains until `train_steps` (resuming from the latest checkpoint in `model_dir`).
+
+  eval_every > 0 evaluates `eval_mixture` (default: `mixture`) every so many steps and at the
+  end; final_eval prints a metrics table and saves predictions.png at the end (see
+  pali.evaluation.evaluator).
+  """
   from pali.data import pipeline
   from pali.models import pali as pali_model
 
   model = model if model is not None else model_for_image_size(image_size)
-  mesh = partitioning.create_mesh()
-  rules = partitioning.logical_axis_rules()
+  try:
+    mesh = partitioning.create_mesh()
+    rules = partitioning.logical_axis_rules()
+  except ValueError as e:
+    raise validation.ConfigError(f"{e} (gin: create_mesh.data/fsdp/tensor)") from e
   validation.validate_train_config(
       model_dir=model_dir, mixture=mixture, batch_size=batch_size, image_size=image_size,
       patch_size=model.config.vit.patch_size, mesh=mesh, rules=rules,
@@ -155,6 +165,10 @@ def train(*, model_dir: str = gin.REQUIRED, mixture: str = gin.REQUIRED,
     last_good = latest
     step, batch = start_step, first
     t_log, steps_at_log = time.time(), start_step
+    evaluation = evaluator_lib.TrainingEval(
+        every=eval_every, final_report=final_eval, mixture=eval_mixture or mixture, model=model,
+        mesh=mesh, rules=rules, model_dir=model_dir, task_feature_lengths=task_feature_lengths,
+        image_size=image_size, max_images=max_images)
     with _PreemptionFlag() as preempt:
       while step < train_steps:
         state, metrics = compiled(state, batch, dropout_rng)
@@ -191,11 +205,14 @@ def train(*, model_dir: str = gin.REQUIRED, mixture: str = gin.REQUIRED,
         if must_save:
           ckpt.save(step, state, {"batches_consumed": consumed + (step - start_step)})
           last_good = step
+        if not preempt.event.is_set():
+          evaluation.maybe_run(step, state.params, last=step == train_steps)
         if preempt.event.is_set():
           logging.info("SIGTERM received: saved a checkpoint at step %d; exiting.", step)
           result.preempted = True
           break
     ckpt.close()
+    evaluation.close()
     writer.flush()
     writer.close()
     del batches
