@@ -1,0 +1,413 @@
+"""Batch evaluation of parameters on a seqio task or a whole mixture.
+
+For every task: the eval split in a fixed order (`shuffle=False`, one epoch), at most
+`EvalSettings.max_eval_examples` examples; decode (`pali.decoding.decode_batch`, jitted once
+per shape), detokenize with the task's vocabulary, postprocess and score
+(`pali.evaluation.task_metrics`); teacher-forced loss and token accuracy
+(`pali.training.step.make_eval_step`). Outputs under `MODEL_DIR/eval/<task>/`: TensorBoard
+scalars (tags = metric names, plus `loss`, `accuracy`, `num_examples`), an image summary
+`predictions` (boxes drawn, texts written) and `predictions_<step>.jsonl` (input, target,
+prediction, score).
+
+Multi-host: each host reads and decodes its own shard (`shard_id = process_index`); the
+token arrays (inputs, targets, predictions, scores) of every batch are gathered to all hosts
+with `multihost_utils.process_allgather`, and process 0 alone detokenizes, scores and writes.
+The hosts agree first on the number of batches (the smallest shard's), so every host runs the
+same collectives.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import json
+import math
+import os
+import time
+from typing import Any, Mapping, Optional, Sequence
+
+import flax.linen as nn
+import gin
+import jax
+import numpy as np
+from absl import logging
+from clu import metric_writers
+from jax.experimental import multihost_utils
+
+from pali import checkpoints, decoding, partitioning
+from pali.evaluation import task_metrics, visualize
+from pali.training import step as step_lib
+
+DECODE_FEATURES = ("images", "image_mask", "encoder_input_tokens")
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class EvalSettings:
+  """How to evaluate (gin: `EvalSettings.max_eval_examples = 256`, ...).
+
+  batch_size: global examples per decoding batch, rounded up to a multiple of the
+    data-parallel size and the number of hosts.
+  decode_method: 'greedy' | 'beam' (beam_size, beam_alpha) | 'sample' (temperature, top_k,
+    top_p, seed).
+  max_decode_len: defaults to the target length.
+  allowed_outputs: {task-name regex: [allowed output strings]}: closed-set tasks decode
+    under a prefix trie of those strings (e.g. counting answers).
+  num_images: how many predictions per task are drawn for TensorBoard.
+  """
+  max_eval_examples: int = 64
+  batch_size: int = 16
+  split: str = "validation"
+  decode_method: str = "greedy"
+  beam_size: int = 4
+  beam_alpha: float = 0.6
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+  seed: int = 0
+  max_decode_len: Optional[int] = None
+  allowed_outputs: Mapping[str, Sequence[str]] = dataclasses.field(default_factory=dict)
+  num_images: int = 4
+  image_display_size: int = 192
+
+
+def _is_lead() -> bool:
+  return jax.process_index() == 0
+
+
+def _task_names(mixture_or_task: str) -> list[str]:
+  import seqio
+  from pali.data import pipeline
+  provider = pipeline._lookup(mixture_or_task)  # noqa: SLF001 (registers `tasks` if needed)
+  if isinstance(provider, seqio.Mixture):
+    return [t.name for t in provider.tasks]
+  return [provider.name]
+
+
+def _strip_ids(ids: np.ndarray) -> list[int]:
+  """Token ids up to (excluding) the first EOS, without padding."""
+  out = []
+  for t in np.asarray(ids).tolist():
+    if t == decoding.EOS_ID:
+      break
+    if t != decoding.PAD_ID:
+      out.append(int(t))
+  return out
+
+
+@functools.lru_cache(maxsize=8)
+def _jitted_decode(model, max_decode_len, method, beam_size, alpha, temperature, top_k, top_p):
+  """`decode(params, batch, trie, rng) -> (tokens [B, L], scores [B])`, jitted (the best
+  beam for beam search)."""
+
+  def decode(params, batch, trie, rng):
+    kwargs: dict[str, Any] = {"trie": trie}
+    if method == "beam":
+      kwargs.update(beam_size=beam_size, alpha=alpha)
+    elif method == "sample":
+      kwargs.update(rng=rng, temperature=temperature, top_k=top_k, top_p=top_p)
+    tokens, scores = decoding.decode_batch(model, params, batch, max_decode_len=max_decode_len,
+                                           method=method, **kwargs)
+    if method == "beam":
+      tokens, scores = tokens[:, 0], scores[:, 0]
+    return tokens, scores
+
+  return jax.jit(decode)
+
+
+@functools.lru_cache(maxsize=8)
+def _jitted_loss(model, mesh):
+  return jax.jit(step_lib.make_eval_step(model), out_shardings=partitioning.replicated(mesh))
+
+
+class Evaluator:
+  """Evaluates parameters (sharded on `mesh`) of `model`; reuse it to keep its compilations."""
+
+  def __init__(self, model: nn.Module, *, mesh, rules=None,
+               task_feature_lengths: Mapping[str, int], image_size: int, max_images: int = 1,
+               settings: Optional[EvalSettings] = None):
+    self.model, self.mesh = model, mesh
+    self.rules = rules or partitioning.logical_axis_rules()
+    self.settings = s = settings or EvalSettings()
+    self.task_feature_lengths = dict(task_feature_lengths)
+    self.image_size, self.max_images = image_size, max_images
+    multiple = math.lcm(partitioning.data_parallel_size(mesh, self.rules), jax.process_count())
+    self.global_batch = -(-s.batch_size // multiple) * multiple
+    self.host_batch = self.global_batch // jax.process_count()
+    self.max_decode_len = s.max_decode_len or self.task_feature_lengths["targets"]
+    # Shared by every Evaluator of this process (in-training eval, continuous eval, tests):
+    # a new Evaluator with the same model and decoding options does not compile again.
+    self._decode = _jitted_decode(model, self.max_decode_len, s.decode_method, s.beam_size,
+                                  s.beam_alpha, s.temperature, s.top_k, s.top_p)
+    self._loss = _jitted_loss(model, mesh)
+    self._writers: dict[str, Any] = {}
+    self._tries: dict[str, Optional[decoding.Trie]] = {}
+    self.pictures: dict[str, list[np.ndarray]] = {}  # task -> drawn predictions (process 0)
+
+  def _trie_for(self, task_name: str, vocab) -> Optional[decoding.Trie]:
+    import re
+    if task_name not in self._tries:
+      trie = None
+      for pattern, outputs in self.settings.allowed_outputs.items():
+        if re.search(pattern, task_name):
+          trie = decoding.build_trie([vocab.encode(o) for o in outputs])
+          break
+      self._tries[task_name] = trie
+    return self._tries[task_name]
+
+  # ---- one task --------------------------------------------------------------------------
+  def _local_batches(self, task_name: str) -> list[dict]:
+    from pali.data import pipeline
+    ds = pipeline.get_dataset(
+        task_name, split=self.settings.split, task_feature_lengths=self.task_feature_lengths,
+        batch_size=self.host_batch, image_size=self.image_size, max_images=self.max_images,
+        shuffle=False, seed=0, shard_id=jax.process_index(), num_shards=jax.process_count(),
+        num_epochs=1)
+    wanted = -(-self.settings.max_eval_examples // self.global_batch)
+    batches = list(itertools.islice(ds.as_numpy_iterator(), wanted))
+    counts = multihost_utils.process_allgather(np.int32(len(batches)))
+    return batches[:int(np.min(counts))]
+
+  def evaluate_task(self, params, task_name: str) -> tuple[dict, list[dict], list[np.ndarray]]:
+    """Returns (metrics, examples, images of the first examples) on every host; metrics and
+    examples are complete on process 0 only (other hosts get empty ones)."""
+    import seqio
+    s = self.settings
+    task = seqio.get_mixture_or_task(task_name)
+    vocab = task.output_features["targets"].vocabulary
+    trie = self._trie_for(task_name, vocab)
+    rng = jax.random.PRNGKey(s.seed)
+    batches = self._local_batches(task_name)
+    if not batches:
+      logging.warning("Task %s has no complete eval batch of %d in split %r: skipped.",
+                      task_name, self.global_batch, s.split)
+      return {}, [], []
+    gathered, images, sums = [], [], None
+    t0 = time.time()
+    for local in batches:
+      batch = partitioning.host_batch_to_global(local, self.mesh, self.rules)
+      tokens, scores = self._decode(params, {k: batch[k] for k in DECODE_FEATURES}, trie, rng)
+      batch_sums = jax.device_get(self._loss(params, batch))
+      sums = batch_sums if sums is None else jax.tree_util.tree_map(np.add, sums, batch_sums)
+      gathered.append(multihost_utils.process_allgather(
+          {"inputs": batch["encoder_input_tokens"], "targets": batch["decoder_target_tokens"],
+           "predictions": tokens, "scores": scores}, tiled=True))
+      if len(images) < s.num_images:
+        imgs = multihost_utils.process_allgather(batch["images"], tiled=True)
+        images.extend(list(imgs[:s.num_images - len(images), 0]))
+    decode_s = time.time() - t0
+    if not _is_lead():
+      return {}, [], images
+    cat = {k: np.concatenate([g[k] for g in gathered])[:s.max_eval_examples]
+           for k in gathered[0]}
+    ids = {k: [_strip_ids(row) for row in cat[k]] for k in ("inputs", "targets", "predictions")}
+    texts = {k: [vocab.decode(row) for row in v] for k, v in ids.items()}
+    scorer = task_metrics.for_task(task_name, task)
+    result = scorer.compute(targets=texts["targets"], predictions=texts["predictions"],
+                            scores=cat["scores"].tolist(), target_ids=ids["targets"],
+                            prediction_ids=ids["predictions"])
+    weight = max(float(sums["weight_sum"]), 1e-8)
+    result.update(loss=float(sums["loss"]) / weight, accuracy=float(sums["correct"]) / weight,
+                  num_examples=float(len(ids["targets"])), decode_seconds=decode_s)
+    examples = [{"input": i, "target": t, "prediction": p, "score": float(sc)}
+                for i, t, p, sc in zip(texts["inputs"], texts["targets"], texts["predictions"],
+                                       cat["scores"])]
+    return result, examples, images
+
+  # ---- a task or a mixture ---------------------------------------------------------------
+  def evaluate(self, params, *, mixture_or_task: str, step: int,
+               model_dir: Optional[str] = None) -> dict[str, dict[str, float]]:
+    """{task: metrics} (complete on process 0); writes TensorBoard / JSONL when model_dir."""
+    results = {}
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+      for name in _task_names(mixture_or_task):
+        metrics, examples, images = self.evaluate_task(params, name)
+        if not metrics and _is_lead():
+          continue
+        results[name] = metrics
+        if _is_lead():
+          self.pictures[name] = [
+              visualize.draw_prediction(img, prediction=e["prediction"], target=e["target"],
+                                        input_text=e["input"],
+                                        size=self.settings.image_display_size)
+              for img, e in zip(images, examples)]
+        if model_dir and _is_lead():
+          self._write(model_dir, name, step, metrics, examples, self.pictures[name])
+        if _is_lead():
+          logging.info("eval step %d %s: %s", step, name,
+                       ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
+    return results
+
+  def _write(self, model_dir, task_name, step, metrics, examples, pictures) -> None:
+    import tensorflow as tf
+    out_dir = os.path.join(model_dir, "eval", task_name)
+    tf.io.gfile.makedirs(out_dir)
+    if task_name not in self._writers:
+      self._writers[task_name] = metric_writers.create_default_writer(
+          out_dir, just_logging=not _is_lead(), asynchronous=False)
+    writer = self._writers[task_name]
+    writer.write_scalars(step, metrics)
+    if pictures:
+      writer.write_images(step, {"predictions": np.stack(pictures)})
+    writer.flush()
+    with tf.io.gfile.GFile(os.path.join(out_dir, f"predictions_{step}.jsonl"), "w") as f:
+      for e in examples:
+        f.write(json.dumps(e) + "\n")
+
+  def close(self) -> None:
+    for w in self._writers.values():
+      w.close()
+    self._writers.clear()
+
+
+# ---- parameters from checkpoints ---------------------------------------------------------------
+def abstract_params(model: nn.Module, mesh, rules, *, image_size: int, max_images: int,
+                    task_feature_lengths: Mapping[str, int]):
+  """ShapeDtypeStructs (with their NamedShardings on `mesh`) of the model's parameters."""
+  from pali.models import pali as pali_model
+  from pali.training.train_state import unbox_abstract
+  dummy = pali_model.dummy_batch(1, image_size, max_images, task_feature_lengths["inputs"],
+                                 task_feature_lengths["targets"])
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    boxed = jax.eval_shape(lambda r: model.init({"params": r, "dropout": r}, dummy)["params"],
+                           jax.random.key(0))
+  specs = nn.logical_to_mesh(nn.get_partition_spec(boxed), rules)
+  return jax.tree_util.tree_map(
+      lambda a, sp: jax.ShapeDtypeStruct(a.shape, a.dtype,
+                                         sharding=jax.sharding.NamedSharding(mesh, sp)),
+      unbox_abstract(boxed), specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+
+
+def resolve_checkpoint_path(path: str) -> tuple[str, Optional[int]]:
+  """A run folder (with `checkpoints/`), a checkpoints folder, or one step folder
+  -> (checkpoints folder, step or None)."""
+  import tensorflow as tf
+  path = os.fspath(path).rstrip("/")
+  if tf.io.gfile.isdir(os.path.join(path, "checkpoints")):
+    return os.path.join(path, "checkpoints"), None
+  base = os.path.basename(path)
+  if base.isdigit():
+    return os.path.dirname(path), int(base)
+  return path, None
+
+
+def checkpoint_steps(directory: str) -> list[int]:
+  """Finished checkpoints in `directory` (orbax renames a step folder when it is complete)."""
+  import orbax.checkpoint as ocp
+  import tensorflow as tf
+  if not tf.io.gfile.isdir(directory):
+    return []
+  return sorted(int(s) for s in ocp.utils.checkpoint_steps(directory))
+
+
+def model_dir_for(checkpoint_dir: str) -> str:
+  """The run folder of `.../run/checkpoints` (else the checkpoint folder itself)."""
+  checkpoint_dir = checkpoint_dir.rstrip("/")
+  if os.path.basename(checkpoint_dir) == "checkpoints":
+    return os.path.dirname(checkpoint_dir)
+  return checkpoint_dir
+
+
+# ---- report (the quickstart's last step) ---------------------------------------------------------
+def _gin_value(name: str, default=None):
+  """A train.* binding with its macros resolved (None when unbound)."""
+  def resolve(v):
+    if isinstance(v, gin.config.ConfigurableReference) and v.evaluate:
+      return resolve(v.scoped_configurable_fn())
+    if isinstance(v, dict):
+      return {k: resolve(x) for k, x in v.items()}
+    return v
+  try:
+    return resolve(gin.query_parameter(name))
+  except ValueError:
+    return default
+
+
+def format_table(results: Mapping[str, Mapping[str, float]]) -> str:
+  """A plain-text table: one row per task, its metrics (loss first)."""
+  lines = [f"{'task':<36} metrics", "-" * 100]
+  for task, m in results.items():
+    keys = ["loss", "accuracy"] + sorted(
+        k for k in m if k not in ("loss", "accuracy", "num_examples", "decode_seconds"))
+    cells = "  ".join(f"{k}={m[k]:.3f}" for k in keys if k in m)
+    lines.append(f"{task:<36} {cells}  (n={int(m.get('num_examples', 0))})")
+  return "\n".join(lines)
+
+
+def evaluate_and_report(model_dir: str, *, mixture_or_task: Optional[str] = None,
+                        step: Optional[int] = None, params=None, model=None, mesh=None,
+                        task_feature_lengths: Optional[Mapping[str, int]] = None,
+                        image_size: Optional[int] = None, max_images: Optional[int] = None,
+                        settings: Optional[EvalSettings] = None,
+                        picture_path: Optional[str] = None) -> dict:
+  """Evaluates a run (the given params, or the latest checkpoint in model_dir/checkpoints),
+  prints a table of per-task metrics and saves a picture of predictions (default
+  `model_dir/eval/predictions.png`). Unset arguments come from the gin `train.*` bindings.
+  Returns {task: metrics}."""
+  from pali.training import trainer
+  mixture_or_task = mixture_or_task or _gin_value("train.mixture")
+  task_feature_lengths = task_feature_lengths or _gin_value("train.task_feature_lengths")
+  image_size = image_size or _gin_value("train.image_size", 224)
+  max_images = max_images or _gin_value("train.max_images", 1)
+  if not mixture_or_task or not task_feature_lengths:
+    raise ValueError("evaluate_and_report needs mixture_or_task and task_feature_lengths "
+                     "(or the gin bindings train.mixture / train.task_feature_lengths).")
+  mesh = mesh or partitioning.create_mesh()
+  rules = partitioning.logical_axis_rules()
+  model = model or trainer.model_for_image_size(image_size)
+  if params is None:
+    directory = os.path.join(model_dir, "checkpoints")
+    steps = checkpoint_steps(directory)
+    if not steps:
+      raise FileNotFoundError(f"No finished checkpoint in {directory}: train first.")
+    step = steps[-1] if step is None else step
+    params = checkpoints.restore_params(directory, step, abstract_params(
+        model, mesh, rules, image_size=image_size, max_images=max_images,
+        task_feature_lengths=task_feature_lengths))
+  evaluator = Evaluator(model, mesh=mesh, rules=rules, task_feature_lengths=task_feature_lengths,
+                        image_size=image_size, max_images=max_images, settings=settings)
+  results = evaluator.evaluate(params, mixture_or_task=mixture_or_task, step=step or 0,
+                               model_dir=model_dir)
+  evaluator.close()
+  if _is_lead() and results:
+    print(f"\nEvaluation of {model_dir} at step {step} on {mixture_or_task}:\n"
+          + format_table(results))
+    pictures, titles = [], []
+    for task, pics in evaluator.pictures.items():
+      pictures += pics[:2]
+      titles += [task] * len(pics[:2])
+    if pictures:
+      picture_path = picture_path or os.path.join(model_dir, "eval", "predictions.png")
+      visualize.save_png(picture_path, visualize.grid(pictures, columns=4, titles=titles))
+      print(f"Predictions drawn in {picture_path}")
+  return results
+
+
+class TrainingEval:
+  """Evaluation inside `train()`: every `every` steps (and at the last step) on `mixture`;
+  with `final_report`, the last evaluation also prints the table and saves predictions.png
+  (as `evaluate_and_report`). Builds its Evaluator on first use."""
+
+  def __init__(self, *, every: int, final_report: bool, mixture: str, model, mesh, rules,
+               model_dir: str, task_feature_lengths, image_size: int, max_images: int):
+    self.every, self.final_report, self.mixture = every, final_report, mixture
+    self._kw = dict(model=model, mesh=mesh, task_feature_lengths=task_feature_lengths,
+                    image_size=image_size, max_images=max_images)
+    self._rules, self._model_dir = rules, model_dir
+    self._evaluator: Optional[Evaluator] = None
+
+  def maybe_run(self, step: int, params, *, last: bool) -> Optional[dict]:
+    if last and self.final_report:
+      return evaluate_and_report(self._model_dir, mixture_or_task=self.mixture, step=step,
+                                 params=params, **self._kw)
+    if not self.every or not (step % self.every == 0 or last):
+      return None
+    if self._evaluator is None:
+      kw = dict(self._kw)
+      self._evaluator = Evaluator(kw.pop("model"), rules=self._rules, **kw)
+    return self._evaluator.evaluate(params, mixture_or_task=self.mixture, step=step,
+                                    model_dir=self._model_dir)
+
+  def close(self) -> None:
+    if self._evaluator is not None:
+      self._evaluator.close()
