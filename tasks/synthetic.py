@@ -52,3 +52,11 @@ PRETRAIN_RATES = (
     ("synthetic_stdlib_ul2", 0.20),
 )
 add_mixture("pali_synthetic_pretrain", PRETRAIN_RATES)
+
+# The four measured tasks only (gin_configs/runs/learn_cpu.gin; BENCHMARKS.md "Learning").
+add_mixture("pali_synthetic_learn", (
+    ("synthetic_shapes_detection", 0.3),
+    ("synthetic_text_ocr", 0.3),
+    ("synthetic_shapes_caption", 0.2),
+    ("synthetic_shapes_vqa", 0.2),
+))

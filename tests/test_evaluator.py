@@ -27,7 +27,7 @@ GIN_FILES = [os.path.join(REPO, "gin_configs", "models", "pali_tiny.gin"),
 
 
 def _run_bindings(model_dir):
-  return [f"MODEL_DIR = '{model_dir}'", "MIXTURE = 'pali_synthetic_pretrain'",
+  return [f"MODEL_DIR = '{model_dir}'", f"MIXTURE = '{TASK}'",
           "TRAIN_STEPS = 2", "BATCH_SIZE = 8", "IMAGE_SIZE = 32", "INPUT_LENGTH = 16",
           "TARGET_LENGTH = 24", "train.checkpoint_every = 1", "train.log_every = 1",
           "learning_rate_schedule.warmup_steps = 1",
