@@ -128,8 +128,8 @@ def tf_safe_makedirs(path: str) -> None:
   tf.io.gfile.makedirs(path)
 
 
-def main(argv):
-  del argv
+def run_from_flags() -> dict[int, dict]:
+  """Parses gin from the flags, evaluates, prints a table per step; returns the results."""
   launch_utils.maybe_initialize_distributed()
   from pali.evaluation import evaluator as ev
 
@@ -145,6 +145,11 @@ def main(argv):
     for step, per_task in sorted(results.items()):
       print(f"\nStep {step}:\n{ev.format_table(per_task)}")
   return results
+
+
+def main(argv):
+  del argv
+  run_from_flags()  # returns nothing: app.run would turn a return value into an exit code
 
 
 if __name__ == "__main__":

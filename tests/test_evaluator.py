@@ -146,7 +146,7 @@ def _launch_eval(argv):
   flags.FLAGS.unparse_flags()
   launch_utils.parse_flags_with_gin_shortcuts(["eval.py"] + argv)
   gin.clear_config()
-  return eval_launcher.main([])
+  return eval_launcher.run_from_flags()
 
 
 def _eval_argv(model_dir, *extra):
