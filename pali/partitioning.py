@@ -97,8 +97,10 @@ def create_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, dcn_data: int = 
       raise ValueError(f"dcn_data={dcn_data} does not divide the {len(devices)} devices.")
     per_slice = len(devices) // dcn_data
     ici = resolve_mesh_shape(data, fsdp, tensor, per_slice)
+    # TPU devices name their slice; elsewhere (GPU hosts) each process is one DCN granule.
     device_array = mesh_utils.create_hybrid_device_mesh(
-        ici, (dcn_data, 1, 1), devices=devices, allow_split_physical_axes=True)
+        ici, (dcn_data, 1, 1), devices=devices, allow_split_physical_axes=True,
+        process_is_granule=not hasattr(devices[0], "slice_index"))
   else:
     shape = resolve_mesh_shape(data, fsdp, tensor, len(devices))
     try:
