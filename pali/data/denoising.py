@@ -24,6 +24,7 @@ import seqio
 import tensorflow as tf
 
 from pali.data import robust
+from pali.data.preprocessors import no_autograph
 from pali.data import vocabulary as vocab_lib
 
 
@@ -157,12 +158,14 @@ def ul2_denoise(dataset, sequence_length, output_features, *,
   raw = [max_raw_length(input_budget, target_budget, d) for d, _ in denoisers]
   logits = tf.math.log(tf.constant([[p for _, p in denoisers]], tf.float32))
 
+  @no_autograph
   def ok(x):
     good = tf.size(x[key]) >= 2
     with tf.control_dependencies([robust.count_if(tf.logical_not(good), "ul2_too_short")]):
       return tf.identity(good)
 
   @seqio.map_over_dataset(num_seeds=1)
+  @no_autograph
   def fn(x, seed):
     s_choice, s_denoise = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
     choice = tf.cast(tf.random.stateless_categorical(logits, 1, s_choice)[0, 0], tf.int32)

@@ -23,6 +23,7 @@ import tensorflow as tf
 
 from pali.data import images as images_lib
 from pali.data import robust
+from pali.data.preprocessors import no_autograph
 from pali.data import vocabulary as vocab_lib
 
 NUM_BINS = vocab_lib.NUM_LOC_TOKENS
@@ -122,6 +123,7 @@ def detection(dataset, sequence_length, output_features, *, flip: bool = True,
   cfg = images_lib.current()
 
   @seqio.map_over_dataset(num_seeds=1)
+  @no_autograph
   def fn(x, seed):
     s_flip, s_order, s_noise = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
     x = dict(x)
@@ -155,12 +157,14 @@ def detection(dataset, sequence_length, output_features, *, flip: bool = True,
              num_objects=kept_real)
     return x
 
+  @no_autograph
   def has_objects(x):
     good = x["num_objects"] > 0
     with tf.control_dependencies([robust.count_if(tf.logical_not(good),
                                                   "detection_no_objects")]):
       return tf.identity(good)
 
+  @no_autograph
   def drop_count(x):
     x = dict(x)
     x.pop("num_objects")

@@ -57,7 +57,8 @@ class PaliFeatureConverter:
                        f"(has {sorted(ds.element_spec)}); every task must end with "
                        "pali.data.preprocessors.finalize")
     lin, lout = int(task_feature_lengths["inputs"]), int(task_feature_lengths["targets"])
-    return ds.map(lambda x: convert_example(x, lin, lout),
+    fn = tf.autograph.experimental.do_not_convert(lambda x: convert_example(x, lin, lout))
+    return ds.map(fn,
                   num_parallel_calls=tf.data.AUTOTUNE)
 
   def get_model_feature_lengths(self, task_feature_lengths: Mapping[str, int]):

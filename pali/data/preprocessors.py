@@ -17,6 +17,10 @@ import tensorflow as tf
 from pali.data import images as images_lib
 from pali.data import vocabulary as vocab_lib
 
+# Our dataset functions need no autograph (their Python control flow is static); converting
+# them costs seconds per task at dataset construction.
+no_autograph = tf.autograph.experimental.do_not_convert
+
 PROMPT_CAPTION = "caption en"
 PROMPT_OCR = "ocr"
 PROMPT_DETECT = "detect"
@@ -58,12 +62,14 @@ def _prompt(prompt: str, text: tf.Tensor) -> tf.Tensor:
 
 # ---- task formats --------------------------------------------------------------------------
 @seqio.map_over_dataset
+@no_autograph
 def caption(x, text_key: str = "caption"):
   """`caption en` -> the caption."""
   return {**x, "inputs": tf.constant(PROMPT_CAPTION), "targets": x[text_key]}
 
 
 @seqio.map_over_dataset(num_seeds=1)
+@no_autograph
 def split_caption(x, seed, text_key: str = "caption"):
   """Prefix completion: `caption en <first words>` -> the remaining words."""
   prefix, rest = split_at_random_word(x[text_key], seed)
@@ -71,12 +77,14 @@ def split_caption(x, seed, text_key: str = "caption"):
 
 
 @seqio.map_over_dataset
+@no_autograph
 def ocr(x, text_key: str = "text"):
   """`ocr` -> the full text in reading order."""
   return {**x, "inputs": tf.constant(PROMPT_OCR), "targets": x[text_key]}
 
 
 @seqio.map_over_dataset(num_seeds=1)
+@no_autograph
 def split_ocr(x, seed, text_key: str = "text"):
   """Split-OCR: `ocr <first words of the text>` -> the rest of the text."""
   prefix, rest = split_at_random_word(x[text_key], seed)
@@ -84,6 +92,7 @@ def split_ocr(x, seed, text_key: str = "text"):
 
 
 @seqio.map_over_dataset(num_seeds=1)
+@no_autograph
 def vqa(x, seed, question_key: str = "questions", answer_key: str = "answers"):
   """`answer en <question>` -> answer; one (question, answer) pair drawn at random from the
   example's lists (or the scalar pair)."""
@@ -95,6 +104,7 @@ def vqa(x, seed, question_key: str = "questions", answer_key: str = "answers"):
 
 
 @seqio.map_over_dataset
+@no_autograph
 def rekey(x, key_map: Mapping[str, str]):
   """{new: x[old]}; other features are dropped."""
   return {new: x[old] for new, old in key_map.items()}
@@ -102,6 +112,7 @@ def rekey(x, key_map: Mapping[str, str]):
 
 # ---- images --------------------------------------------------------------------------------
 @seqio.map_over_dataset
+@no_autograph
 def prepare_images(x, image_key: str = "image"):
   """`image` (uint8 [h, w, 3], or encoded bytes) or `images` (a stack, or a list of bytes)
   -> `images` [N, S, S, 3] and `image_mask` [N] at the current stage's size and count."""
@@ -113,6 +124,7 @@ def prepare_images(x, image_key: str = "image"):
 
 
 @seqio.map_over_dataset
+@no_autograph
 def add_empty_images(x):
   """Text-only examples carry zero images with mask 0 (every task of a mixture must have the
   same features)."""
@@ -125,6 +137,7 @@ def tokenize(dataset, output_features):
   """Tokenises `inputs` / `targets` where they are still strings (no EOS yet, no
   `*_pretokenized` copies); token features pass through."""
 
+  @no_autograph
   def fn(x):
     x = dict(x)
     for k in ("inputs", "targets"):
@@ -142,6 +155,7 @@ def finalize(dataset, sequence_length, output_features=None):
   lin = (sequence_length or {}).get("inputs")
   lout = (sequence_length or {}).get("targets")
 
+  @no_autograph
   def fn(x):
     inputs = tf.cast(x["inputs"], tf.int32)
     targets = tf.cast(x["targets"], tf.int32)

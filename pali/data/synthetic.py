@@ -21,6 +21,7 @@ import seqio
 import tensorflow as tf
 
 from pali.data import images as images_lib
+from pali.data.preprocessors import no_autograph
 from pali.data import synthetic_scenes
 from pali.data import synthetic_text
 
@@ -43,8 +44,8 @@ def index_source(num_examples: Mapping[str, int], salt: int = 1) -> seqio.DataSo
     ds = tf.data.Dataset.range(n)
     if shuffle_files:
       s = _seed3(seed, salt)
-      ds = ds.map(lambda i: tf.random.experimental.index_shuffle(i, s, n - 1))
-    return ds.map(lambda i: {"index": i, "split": tf.constant(split)})
+      ds = ds.map(no_autograph(lambda i: tf.random.experimental.index_shuffle(i, s, n - 1)))
+    return ds.map(no_autograph(lambda i: {"index": i, "split": tf.constant(split)}))
 
   return seqio.FunctionDataSource(dataset_fn, splits=tuple(num_examples),
                                   num_input_examples=dict(num_examples))
@@ -78,6 +79,7 @@ def render_shapes(dataset):
     return (e["image"], np.array(e["caption"].encode("utf-8"), dtype=object), e["boxes"],
             _bytes_list(e["labels"]), _bytes_list(e["questions"]), _bytes_list(e["answers"]))
 
+  @no_autograph
   def fn(x):
     out = tf.numpy_function(py, [x["split"], x["index"]],
                             [tf.uint8, tf.string, tf.float32, tf.string, tf.string, tf.string],
@@ -99,6 +101,7 @@ def render_text(dataset):
     e = synthetic_text.text_example(split.decode(), int(index), size)
     return e["image"], np.array(e["text"].encode("utf-8"), dtype=object)
 
+  @no_autograph
   def fn(x):
     image, text = tf.numpy_function(py, [x["split"], x["index"]], [tf.uint8, tf.string],
                                     stateful=False)
