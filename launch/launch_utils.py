@@ -89,6 +89,7 @@ def is_bound(name: str) -> bool:
 
 
 _PROJECT_MODULES = ("pali.models.pali", "pali.training.trainer", "pali.partitioning",
+                    "pali.training.stages",
                     "pali.training.optimizer", "pali.warm_start", "tasks")
 
 
