@@ -12,7 +12,8 @@ then empty or inverted (min >= max) or not finite are dropped (counted as
 'detection_boxes_dropped'). Objects that do not fit the target length are dropped from the
 end of the (shuffled) list: the target keeps the objects that fit (counted as
 'detection_objects_dropped'). An example left with no object is skipped
-('detection_no_objects').
+('detection_no_objects'); so is one whose labels do not match its boxes one to one
+('bad_boxes').
 """
 import re
 from typing import List, Optional, Tuple
@@ -170,6 +171,7 @@ def detection(dataset, sequence_length, output_features, *, flip: bool = True,
     x.pop("num_objects")
     return x
 
+  dataset = robust.boxes_or_skip(dataset)  # labels must match boxes one to one
   return fn(dataset).filter(has_objects).map(drop_count)
 
 

@@ -78,7 +78,8 @@ def get_dataset(mixture_or_task_name: str, *, split: str,
   shard_info = seqio.ShardInfo(index=shard_id, num_shards=num_shards) if num_shards > 1 else None
   with images_lib.image_config(image_size, max_images, resize_method):
     kwargs = dict(sequence_length=lengths, split=split, use_cached=False, shuffle=shuffle,
-                  seed=seed, shard_info=shard_info, num_epochs=num_epochs)
+                  seed=seed, shard_info=shard_info, num_epochs=num_epochs,
+                  try_in_mem_cache=False)  # caching would freeze per-epoch randomness
     if isinstance(provider, seqio.Mixture):
       kwargs["copy_pretokenized"] = False
     ds = provider.get_dataset(**kwargs)

@@ -149,9 +149,11 @@ def tokenize(dataset, output_features):
 
 
 def finalize(dataset, sequence_length, output_features=None):
+  from pali.data import robust  # robust imports this module
   """The last step of every task: trims `inputs` / `targets` to the lengths less one and
   appends EOS; `targets_weights` (default 1 per token, trimmed alike) gets the EOS weight
-  (`eos_weight` feature, default 1); keeps only the model features."""
+  (`eos_weight` feature, default 1); keeps only the model features. Examples without any
+  target token are skipped and counted ('empty_targets')."""
   lin = (sequence_length or {}).get("inputs")
   lout = (sequence_length or {}).get("targets")
 
@@ -175,4 +177,10 @@ def finalize(dataset, sequence_length, output_features=None):
     out["images"], out["image_mask"] = x["images"], x["image_mask"]
     return out
 
-  return dataset.map(fn, num_parallel_calls=tf.data.AUTOTUNE)
+  @no_autograph
+  def has_targets(x):
+    good = tf.size(x["targets"]) > 0
+    with tf.control_dependencies([robust.count_if(tf.logical_not(good), "empty_targets")]):
+      return tf.identity(good)
+
+  return dataset.filter(has_targets).map(fn, num_parallel_calls=tf.data.AUTOTUNE)
