@@ -251,6 +251,10 @@ def test_ul2_rates_configurable():
   assert [p for _, p in ds] == [0.5, 0.5]
   with pytest.raises(ValueError):
     dn.ul2_denoisers(0, 0, 0)
+  import gin
+  gin.parse_config("ul2_denoisers.s_rate = 1.0\nul2_denoisers.x_rate = 0.0\n"
+                   "ul2_denoisers.r_rate = 0.0")
+  assert [d.name for d, _ in dn.ul2_denoisers()] == ["S"]
 
 
 # ---- images -------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ long sequences.
 import dataclasses
 from typing import Optional, Sequence, Tuple
 
+import gin
 import seqio
 import tensorflow as tf
 
@@ -43,9 +44,11 @@ X_DENOISERS = (Denoiser("X_3_0.5", "[NLG]", 3, 0.5), Denoiser("X_8_0.5", "[NLG]"
 S_DENOISER = Denoiser("S", "[S2S]", prefix_lm=True)
 
 
+@gin.configurable
 def ul2_denoisers(s_rate: float = 0.5, r_rate: float = 0.25,
                   x_rate: float = 0.25) -> Tuple[Tuple[Denoiser, float], ...]:
-  """(denoiser, probability) pairs; each group's rate is split evenly over its settings."""
+  """(denoiser, probability) pairs; each group's rate is split evenly over its settings.
+  Gin: `ul2_denoisers.s_rate = 0.5` etc. (read when a dataset is built)."""
   total = s_rate + r_rate + x_rate
   if total <= 0 or min(s_rate, r_rate, x_rate) < 0:
     raise ValueError(f"UL2 rates must be >= 0 with a positive sum, got S={s_rate}, "
