@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pali.models import matmul
+
 Array = jax.Array
 Dtype = Any
 Initializer = Callable[..., Array]
@@ -69,8 +71,8 @@ class DenseGeneral(nn.Module):
 
     kernel = self.param("kernel", nn.with_logical_partitioning(init, self.kernel_axes),
                         kernel_shape, jnp.float32)
-    y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
-                            ((axis, tuple(range(len(axis)))), ((), ())))
+    # A rank-2 matmul with a hand-written backward (and optional mixed precision): matmul.py.
+    y = matmul.dense(x, kernel, axis, self.dtype)
     if self.use_bias:
       bias = self.param("bias", nn.with_logical_partitioning(
           nn.initializers.zeros, self.kernel_axes[-len(self.features):]), self.features,
@@ -200,7 +202,7 @@ class MultiHeadAttention(nn.Module):
         mask = seen if mask is None else jnp.logical_and(mask, seen)
 
     # Logits and softmax in float32 for stability whatever the compute dtype.
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+    logits = matmul.attention_logits(q, k, jnp.float32)  # "bqhd,bkhd->bhqk"
     if bias is not None:
       logits = logits + bias.astype(jnp.float32)
     if mask is not None:
@@ -208,7 +210,7 @@ class MultiHeadAttention(nn.Module):
     weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
     if self.dropout_rate > 0.0:
       weights = nn.Dropout(self.dropout_rate)(weights, deterministic=deterministic)
-    out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+    out = matmul.attention_combine(weights, v, self.dtype)  # "bhqk,bkhd->bqhd"
     out = constrain(out, head_axes)
     out = dense(d_model, ("heads", "kv", "embed"), axis=(-2, -1), use_bias=self.use_bias,
                 dtype=self.dtype, kernel_init=self.kernel_init, name="out")(out)
