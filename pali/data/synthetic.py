@@ -35,6 +35,18 @@ def _seed3(seed, salt: int):
   return tf.constant([int(seed) & 0x7FFFFFFF, salt], tf.int64)
 
 
+class IndexDataSource(seqio.FunctionDataSource):
+  """A FunctionDataSource without seqio's warning about uncached function sources: ours
+  shuffle all indices with a seeded permutation, so restarts are not under-shuffled."""
+
+  def get_dataset(self, split="train", shuffle=True, seed=None, shard_info=None, *,
+                  sequence_length=None, use_cached=False, num_epochs=1):
+    del sequence_length, use_cached, num_epochs
+    if shard_info and shard_info.num_shards > 1:
+      raise ValueError("shard with tf.data.Dataset.shard (seqio does it for this source)")
+    return self._dataset_fn(split=split, shuffle_files=shuffle, seed=seed)
+
+
 def index_source(num_examples: Mapping[str, int], salt: int = 1) -> seqio.DataSource:
   """A source of `{'index': int64, 'split': string}`. With shuffling, a seeded permutation
   of all indices (`tf.random.experimental.index_shuffle`: O(1) memory)."""
@@ -47,8 +59,8 @@ def index_source(num_examples: Mapping[str, int], salt: int = 1) -> seqio.DataSo
       ds = ds.map(no_autograph(lambda i: tf.random.experimental.index_shuffle(i, s, n - 1)))
     return ds.map(no_autograph(lambda i: {"index": i, "split": tf.constant(split)}))
 
-  return seqio.FunctionDataSource(dataset_fn, splits=tuple(num_examples),
-                                  num_input_examples=dict(num_examples))
+  return IndexDataSource(dataset_fn, splits=tuple(num_examples),
+                         num_input_examples=dict(num_examples))
 
 
 def _salt(name: str) -> int:
@@ -123,4 +135,4 @@ def stdlib_corpus_source() -> seqio.DataSource:
                       reshuffle_each_iteration=True)
     return ds
 
-  return seqio.FunctionDataSource(dataset_fn, splits=("train", "validation"))
+  return IndexDataSource(dataset_fn, splits=("train", "validation"))
