@@ -2,6 +2,7 @@
 
 - tasks.synthetic: the embedded synthetic datasets and the `pali_synthetic_pretrain` mixture
   (no downloads).
+- tasks.stages: mixtures of the high-resolution stages (`pali_synthetic_ocr_detection`).
 - tasks.real_data: TFDS-backed tasks (`coco_captions`, `coco_captions_split`,
   `coco2017_detection`, `c4_ul2`) for users who have the data prepared.
 
@@ -11,3 +12,4 @@ loaded with `launch/tpu_train.py --module_import=their_module`.
 """
 from tasks import real_data  # noqa: F401
 from tasks import synthetic  # noqa: F401
+from tasks import stages  # noqa: F401,E402
