@@ -10,6 +10,31 @@ _GIN_PREFIX = "--gin."
 def set_process_environment() -> None:
   """Quiet TensorFlow and keep it off accelerators that JAX owns. Runs before imports."""
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  maybe_preload_tcmalloc()
+
+
+# Debian/Ubuntu `apt-get install libtcmalloc-minimal4`; other distributions' usual places.
+_TCMALLOC = ("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4",
+             "/usr/lib/aarch64-linux-gnu/libtcmalloc_minimal.so.4",
+             "/usr/lib64/libtcmalloc_minimal.so.4", "/usr/lib/libtcmalloc_minimal.so.4")
+
+
+def maybe_preload_tcmalloc() -> None:
+  """Re-executes this script with tcmalloc preloaded when it is installed and nothing else is.
+
+  XLA's CPU runtime allocates large fresh buffers every step; glibc malloc hands them back to
+  the OS and faults them in again (16-34% of CPU time in a train step here), tcmalloc keeps
+  them (see BENCHMARKS.md). Only for a script run directly (never under pytest); set
+  PALI_NO_TCMALLOC=1 to keep the default allocator.
+  """
+  import sys
+  if (os.environ.get("LD_PRELOAD") or os.environ.get("PALI_NO_TCMALLOC")
+      or "pytest" in sys.modules or not sys.argv or not sys.argv[0].endswith(".py")):
+    return
+  lib = next((p for p in _TCMALLOC if os.path.exists(p)), None)
+  if lib is not None:
+    os.environ["LD_PRELOAD"] = lib
+    os.execv(sys.executable, [sys.executable] + sys.argv)
 
 
 class _QuietLibraries:

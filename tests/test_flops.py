@@ -82,3 +82,26 @@ def test_breakdown_by_hand():
   # Batch shapes read off a batch dict.
   b = pali_model.dummy_batch(2, (32, 48), 3, 11, 13)
   assert flops.BatchShapes.from_batch(b) == flops.BatchShapes(2, (32, 48), 3, 11, 13)
+
+
+def test_peaks_and_mfu_meter():
+  from pali.training import mfu, trainer
+  assert mfu.accelerator_peak_flops("TPU v5 lite") == 197e12
+  assert mfu.accelerator_peak_flops("TPU v5p") == 459e12
+  assert mfu.accelerator_peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+  assert mfu.accelerator_peak_flops("NVIDIA A100-SXM4-40GB") == 312e12
+  assert mfu.accelerator_peak_flops("cpu") is None
+  # CPU: measured once per process and dtype, shared by the 8 simulated devices.
+  peak = mfu.measure_cpu_peak_flops("float32", n=256, reps=2)
+  assert peak > 1e8 and mfu.measure_cpu_peak_flops("float32", n=256, reps=2) == peak
+  cfg = _config()
+  dummy = pali_model.dummy_batch(2, 32, 1, 16, 16)
+  shapes = {k: v.shape for k, v in dummy.items()}
+  meter = mfu.MfuMeter.for_run(cfg, shapes, num_devices=8)
+  assert meter.step_flops == flops.train_step_flops(cfg, SHAPES)
+  m = mfu.MfuMeter(4e12, num_devices=2, peak_per_device=1e12).metrics(steps_per_s=0.25)
+  assert m == {"model_tflops_per_device": 0.5, "mfu": 0.5}
+  # The trainer's log summary carries both keys.
+  fetched = [(1, {"loss": 1.0, "learning_rate": 0.1, "nonfinite": 0})]
+  summary = trainer._summarise(fetched, 0.25, 8, 100, mfu.MfuMeter(4e12, 2, 1e12))
+  assert summary["mfu"] == 0.5 and summary["model_tflops_per_device"] == 0.5

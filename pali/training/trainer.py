@@ -19,6 +19,7 @@ from clu import metric_writers
 
 from pali import checkpoints, partitioning
 from pali.evaluation import evaluator as evaluator_lib  # in-training eval lives there
+from pali.training import mfu
 from pali.training import optimizer as optimizer_lib
 from pali.training import step as step_lib
 from pali.training import train_state as train_state_lib
@@ -147,6 +148,7 @@ def train(*, model_dir: str = gin.REQUIRED, mixture: str = gin.REQUIRED,
         os.path.join(model_dir, "train"), just_logging=host_id > 0, asynchronous=True)
     global_shapes = {k: (batch_size,) + v.shape[1:] for k, v in dummy.items()}
     tokens_per_step = _batch_tokens(global_shapes, (image_size // model.config.vit.patch_size) ** 2)
+    mfu_meter = mfu.MfuMeter.for_run(model.config, global_shapes, frozen=frozen)
 
     result = TrainResult(state=state, step=start_step, last_metrics={})
     if start_step >= train_steps:
@@ -193,7 +195,7 @@ def train(*, model_dir: str = gin.REQUIRED, mixture: str = gin.REQUIRED,
           now = time.time()
           rate = (step - steps_at_log) / max(now - t_log, 1e-9)
           t_log, steps_at_log = now, step
-          summary = _summarise(fetched, rate, batch_size, tokens_per_step)
+          summary = _summarise(fetched, rate, batch_size, tokens_per_step, mfu_meter)
           summary["skipped_nonfinite"] = float(len(bad))
           summary.update(_data_skip_counts())
           writer.write_scalars(step, summary)
@@ -243,12 +245,14 @@ def _fetch(pending):
   return [(s, m) for (s, _), m in zip(pending, host)]
 
 
-def _summarise(fetched, steps_per_s, batch_size, tokens_per_step) -> dict:
+def _summarise(fetched, steps_per_s, batch_size, tokens_per_step, mfu_meter=None) -> dict:
   keys = fetched[-1][1].keys()
   out = {k: float(np.mean([m[k] for _, m in fetched])) for k in keys if k != "nonfinite"}
   out["learning_rate"] = float(fetched[-1][1]["learning_rate"])
   out.update(steps_per_s=steps_per_s, examples_per_s=steps_per_s * batch_size,
              tokens_per_s=steps_per_s * tokens_per_step)
+  if mfu_meter is not None:  # model_tflops_per_device, mfu (pali/training/mfu.py)
+    out.update(mfu_meter.metrics(steps_per_s))
   return out
 
 

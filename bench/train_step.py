@@ -1,0 +1,155 @@
+r"""Benchmarks one training step: median step time, examples/s, tokens/s, GFLOP/s and MFU.
+
+  python bench/train_step.py                          # pali_small, 224 px, batch 8, float32
+  python bench/train_step.py --dtype mixed --json /tmp/step_mixed.json
+  python bench/train_step.py --config gin_configs/models/pali_tiny.gin --image_size 64
+
+The step is the trainer's own (pali.training.step, sharded state, donated, jitted with the
+trainer's shardings) on a random batch already on the device, so it measures compute only.
+Compile time is reported apart. MFU uses pali.flops and pali.training.mfu's peak (on CPU a
+large matmul in the run's matmul dtype, measured at start-up).
+
+--dtype: float32 (DTYPE float32), bfloat16 (DTYPE bfloat16: bf16 activations, float32
+parameters) or mixed (DTYPE float32 and `matmul.precision = 'mixed'`: bf16 matmul operands
+with float32 accumulation; activations, parameters and optimizer in float32).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench import common  # noqa: E402
+from launch import launch_utils  # noqa: E402
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--config", default="gin_configs/models/pali_small.gin", help="model gin file")
+  p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "mixed"])
+  p.add_argument("--batch", type=int, default=8)
+  p.add_argument("--image_size", type=int, default=224)
+  p.add_argument("--max_images", type=int, default=1)
+  p.add_argument("--input_len", type=int, default=32)
+  p.add_argument("--target_len", type=int, default=32)
+  p.add_argument("--steps", type=int, default=10, help="timed steps")
+  p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
+  p.add_argument("--gin_bindings", action="append", default=[], help="extra gin bindings")
+  p.add_argument("--no_tcmalloc", action="store_true", help="keep the default allocator")
+  p.add_argument("--json", default=None, help="write the results here")
+  return p.parse_args(argv)
+
+
+def random_batch(args, vocab_size: int):
+  import numpy as np
+  rng = np.random.default_rng(0)
+  b, n, s = args.batch, args.max_images, args.image_size
+  tokens = lambda length: rng.integers(3, vocab_size, (b, length)).astype(np.int32)  # noqa
+  targets = tokens(args.target_len)
+  return {
+      "images": rng.integers(0, 256, (b, n, s, s, 3)).astype(np.uint8),
+      "image_mask": np.ones((b, n), np.int32),
+      "encoder_input_tokens": tokens(args.input_len),
+      "decoder_input_tokens": np.concatenate([np.zeros((b, 1), np.int32), targets[:, :-1]], 1),
+      "decoder_target_tokens": targets,
+      "decoder_loss_weights": np.ones((b, args.target_len), np.float32),
+  }
+
+
+def run(args) -> dict:
+  import time
+
+  import flax.linen as nn
+  import gin
+  import jax
+  import numpy as np
+
+  from pali import flops, partitioning
+  from pali.models import matmul
+  from pali.models import pali as pali_model
+  from pali.training import mfu
+  from pali.training import optimizer as optimizer_lib
+  from pali.training import step as step_lib
+  from pali.training import train_state as train_state_lib
+  from pali.training import trainer
+
+  gin.clear_config()
+  config_path = args.config if os.path.isabs(args.config) else os.path.join(common.REPO_ROOT,
+                                                                            args.config)
+  bindings = [f"DTYPE = '{'bfloat16' if args.dtype == 'bfloat16' else 'float32'}'",
+              f"matmul.precision = '{'mixed' if args.dtype == 'mixed' else 'default'}'"]
+  gin.parse_config_files_and_bindings([config_path], bindings + args.gin_bindings)
+  model = trainer.model_for_image_size(args.image_size)
+  cfg = model.config
+  mesh = partitioning.create_mesh()
+  rules = partitioning.logical_axis_rules()
+  host = random_batch(args, cfg.t5.vocab_size)
+  schedule = optimizer_lib.learning_rate_schedule()
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    tx, _, shardings = train_state_lib.abstract_state(
+        model, lambda p: optimizer_lib.create_optimizer(p, schedule=schedule), host, mesh, rules)
+    state = train_state_lib.create_state(model, tx, host, shardings)
+    batch = partitioning.host_batch_to_global(host, mesh, rules)
+    batch_sh = jax.tree.map(lambda x: x.sharding, batch)
+    repl = partitioning.replicated(mesh)
+    rng = jax.device_put(jax.random.key(1), repl)
+    step_fn = step_lib.make_train_step(model, tx, schedule)
+    jitted = jax.jit(step_fn, in_shardings=(shardings, batch_sh, repl),
+                     out_shardings=(shardings, repl), donate_argnums=(0,))
+    t0 = time.perf_counter()
+    compiled = jitted.lower(state, batch, rng).compile()
+    compile_s = time.perf_counter() - t0
+
+    losses = []
+
+    def one_step():
+      nonlocal state
+      state, metrics = compiled(state, batch, rng)
+      losses.append(float(metrics["loss"]))  # blocks until the step is done
+
+    times = common.time_calls(one_step, args.steps, warmup=args.warmup)
+
+  shapes = flops.BatchShapes.from_batch(host)
+  step_flops = flops.train_step_flops(cfg, shapes)
+  matmul_dtype = mfu.run_matmul_dtype(cfg)
+  peak = mfu.measure_cpu_peak_flops(matmul_dtype) if jax.devices()[0].platform == "cpu" else (
+      mfu.peak_flops_per_device(matmul_dtype) * jax.device_count())
+  med = common.median(times)
+  tokens = args.batch * (args.max_images * pali_model.num_image_tokens(cfg, args.image_size)
+                         + args.input_len + args.target_len)
+  return {
+      "config": os.path.basename(args.config), "dtype": args.dtype,
+      "matmul_precision": matmul.get_precision(), "batch": args.batch,
+      "image_size": args.image_size, "input_len": args.input_len,
+      "target_len": args.target_len, "steps": args.steps, "compile_s": compile_s,
+      "median_step_s": med, "min_step_s": min(times), "step_times_s": times,
+      "examples_per_s": args.batch / med, "tokens_per_s": tokens / med,
+      "gflop_per_step": step_flops / 1e9, "achieved_gflop_per_s": step_flops / med / 1e9,
+      "peak_matmul_dtype": matmul_dtype, "peak_gflop_per_s": peak / 1e9,
+      "mfu": step_flops / med / peak, "loss_first": losses[0], "loss_last": losses[-1],
+      "params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(state.params))),
+  }
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  if args.no_tcmalloc:
+    os.environ["PALI_NO_TCMALLOC"] = "1"
+  launch_utils.set_process_environment()  # re-executes with tcmalloc where installed
+  row = run(args)
+  machine = common.machine_info()
+  row["load_average_after"] = machine["load_average_1_5_15min"]
+  cols = ["config", "dtype", "batch", "compile_s", "median_step_s", "examples_per_s",
+          "tokens_per_s", "achieved_gflop_per_s", "peak_gflop_per_s", "mfu",
+          "load_average_after"]
+  print(common.format_table([row], cols))
+  print(f"machine: {machine['cpu_model']}, {machine['cpu_count']} cores, "
+        f"LD_PRELOAD={machine['ld_preload'] or '-'}, XLA_FLAGS={machine['xla_flags'] or '-'}")
+  common.write_json(args.json, {"benchmark": "train_step", "machine": machine, "results": [row]})
+  return row
+
+
+if __name__ == "__main__":
+  main()
