@@ -13,3 +13,4 @@ loaded with `launch/tpu_train.py --module_import=their_module`.
 from tasks import real_data  # noqa: F401
 from tasks import synthetic  # noqa: F401
 from tasks import stages  # noqa: F401,E402
+from tasks import learning  # noqa: F401,E402

@@ -69,8 +69,8 @@ def _iou(a, b) -> float:
   return inter / max(1e-9, area(a) + area(b) - inter)
 
 
-def _draw_spec(rng: np.random.Generator) -> Dict[str, Any]:
-  n = int(rng.integers(1, MAX_SHAPES + 1))
+def _draw_spec(rng: np.random.Generator, max_shapes: int = MAX_SHAPES) -> Dict[str, Any]:
+  n = int(rng.integers(1, max_shapes + 1))
   bg = [int(v) for v in rng.integers(60, 200) + rng.integers(-25, 26, size=3)]
   spec = {"bg": bg, "bg_kind": int(rng.integers(0, 3)),  # 0 plain, 1 gradient, 2 noise
           "bg2": [int(v) for v in rng.integers(40, 220, size=3)],
@@ -97,11 +97,11 @@ def _spec_split(spec) -> str:
   return "validation" if h % 100 < VALIDATION_PERCENT else "train"
 
 
-def scene_spec(split: str, index: int) -> Dict[str, Any]:
-  """The description of scene `index` of `split` (deterministic)."""
+def scene_spec(split: str, index: int, max_shapes: int = MAX_SHAPES) -> Dict[str, Any]:
+  """The description of scene `index` of `split` (deterministic); 1 to `max_shapes` shapes."""
   rng = np.random.default_rng([_SEED, SPLIT_IDS[split], int(index)])
   while True:
-    spec = _draw_spec(rng)
+    spec = _draw_spec(rng, max_shapes)
     if _spec_split(spec) == split:
       spec["rng_q"] = int(rng.integers(1 << 30))
       return spec
@@ -189,8 +189,8 @@ def noise_bank(size: int) -> np.ndarray:
   return rng.standard_normal((_NOISE_BANK, size, size, 3), dtype=np.float32)
 
 
-def example(split: str, index: int, size: int) -> Dict[str, Any]:
-  spec = scene_spec(split, index)
+def example(split: str, index: int, size: int, max_shapes: int = MAX_SHAPES) -> Dict[str, Any]:
+  spec = scene_spec(split, index, max_shapes)
   qa = questions(spec)
   return {
       "image": render(spec, size),

@@ -246,3 +246,46 @@ def render_text(spec: Dict, size: int):
 def text_example(split: str, index: int, size: int) -> Dict:
   image, text = render_text(text_spec(split, index), size)
   return {"image": image, "text": text}
+
+
+# ---- single dictionary words (the learning benchmark's OCR) --------------------------------
+_WORD_SEED = 7340047
+_DICT_RE = re.compile(r"^[a-z]{2,7}$")
+
+
+@functools.lru_cache(maxsize=None)
+def dictionary_words(num_words: int = 500) -> List[str]:
+  """The `num_words` most frequent lowercase words (2-7 letters) of the corpus's train split,
+  most frequent first (ties by spelling): a closed vocabulary, i.e. a language prior."""
+  counts: Dict[str, int] = {}
+  for doc in stdlib_corpus()["train"]:
+    for w in doc.split():
+      if _DICT_RE.match(w):
+        counts[w] = counts.get(w, 0) + 1
+  return sorted(counts, key=lambda w: (-counts[w], w))[:num_words]
+
+
+def word_spec(split: str, index: int, num_words: int = 500) -> Dict:
+  """One dictionary word, drawn large (font 0.2-0.28 of the image; shrunk to fit), roughly
+  centred, upright, on a plain background with light noise. Same spec format as text_spec
+  (render with render_text); the split is chosen by a hash of word and layout."""
+  rng = np.random.default_rng([_WORD_SEED, SPLIT_IDS[split], int(index)])
+  words = dictionary_words(num_words)
+  while True:
+    spec = {"lines": [words[int(rng.integers(len(words)))]],
+            "font_frac": float(rng.uniform(0.2, 0.28)),
+            "bg": [int(v) for v in rng.integers(0, 256, size=3)],
+            "fg_dark": bool(rng.integers(2)), "fg_tint": [int(v) for v in rng.integers(0, 60, 3)],
+            "x": float(rng.uniform(0.35, 0.65)), "y": float(rng.uniform(0.35, 0.65)),
+            "angle": 0.0, "noise": float(rng.uniform(0, 6)),
+            "noise_seed": int(rng.integers(1 << 30))}
+    key = repr((spec["lines"], round(spec["font_frac"], 4), spec["bg"], round(spec["x"], 4),
+                round(spec["y"], 4)))
+    h = int(hashlib.sha1(key.encode()).hexdigest()[:8], 16)
+    if ("validation" if h % 100 < VALIDATION_PERCENT else "train") == split:
+      return spec
+
+
+def word_example(split: str, index: int, size: int, num_words: int = 500) -> Dict:
+  image, text = render_text(word_spec(split, index, num_words), size)
+  return {"image": image, "text": text}

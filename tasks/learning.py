@@ -1,0 +1,105 @@
+"""Task variants for the learning benchmark (gin_configs/runs/learn_cpu.gin; BENCHMARKS.md
+"Learning"): what a tiny model can learn on a CPU in about 30 minutes.
+
+- `learn_shapes_detection`: detection on scenes of 1-3 shapes (the 1-4-shape scenes of
+  `synthetic_shapes_detection`, with at most 3 shapes).
+- `learn_word_ocr`: OCR of one dictionary word (the 500 most frequent lowercase words of the
+  stdlib corpus), drawn large and centred.
+- `learn_counting_vqa`: only the counting questions ("how many ... are there?") about the
+  usual 1-4-shape scenes.
+- mixture `pali_synthetic_learn_v2`: those three and `synthetic_shapes_caption`.
+"""
+import functools
+
+import numpy as np
+import tensorflow as tf
+
+from pali.data import detection
+from pali.data import images as images_lib
+from pali.data import preprocessors as pp
+from pali.data import synthetic
+from pali.data import synthetic_scenes
+from pali.data import synthetic_text
+from pali.data.preprocessors import no_autograph
+from tasks.common import TAIL, add_mixture
+from tasks.common import add_task as _add_task
+
+add_task = functools.partial(_add_task, shuffle_buffer_size=64)
+LEARN_MAX_SHAPES = 3
+COUNTING_PREFIX = "how many "
+# A tiny model learns 1024 independent <loc> classes slowly; 64 coordinate levels in training
+# (a 1/126 worst-case rounding error, far inside IoU 0.5) is what it learns in minutes.
+TRAIN_BOX_LEVELS = 64
+
+
+def _render(dataset, py_fn, keys, dtypes, shapes):
+  """Maps {'index', 'split'} through `py_fn(split: str, index: int, size)` (numpy)."""
+  size = images_lib.current().size
+
+  def py(split, index):
+    return py_fn(split.decode(), int(index), size)
+
+  @no_autograph
+  def fn(x):
+    out = tf.numpy_function(py, [x["split"], x["index"]], list(dtypes), stateful=False)
+    for t, s in zip(out, shapes(size)):
+      t.set_shape(s)
+    return dict(zip(keys, out))
+
+  return dataset.map(fn, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def _bytes(xs):
+  return np.array([x.encode("utf-8") for x in xs], dtype=object)
+
+
+def snap(boxes: np.ndarray, levels: int) -> np.ndarray:
+  """Coordinates rounded to `levels` evenly spaced values in [0, 1] (closed under flips)."""
+  return (np.round(boxes * (levels - 1)) / (levels - 1)).astype(np.float32)
+
+
+def render_few_shapes(dataset, train_levels: int = TRAIN_BOX_LEVELS):
+  """{'index', 'split'} -> {'image', 'boxes', 'labels'} of scenes with 1-3 shapes. Training
+  boxes are snapped to `train_levels` coordinate values (so only that many of the 1024
+  `<loc>` tokens occur as targets, each seen 16x as often); validation boxes stay exact."""
+  def py(split, index, size):
+    e = synthetic_scenes.example(split, index, size, max_shapes=LEARN_MAX_SHAPES)
+    boxes = snap(e["boxes"], train_levels) if split == "train" and train_levels else e["boxes"]
+    return e["image"], boxes, _bytes(e["labels"])
+  return _render(dataset, py, ("image", "boxes", "labels"), (tf.uint8, tf.float32, tf.string),
+                 lambda s: ([s, s, 3], [None, 4], [None]))
+
+
+def render_counting(dataset):
+  """{'index', 'split'} -> {'image', 'questions', 'answers'}: the counting questions only."""
+  def py(split, index, size):
+    e = synthetic_scenes.example(split, index, size)
+    qa = [(q, a) for q, a in zip(e["questions"], e["answers"]) if q.startswith(COUNTING_PREFIX)]
+    return e["image"], _bytes([q for q, _ in qa]), _bytes([a for _, a in qa])
+  return _render(dataset, py, ("image", "questions", "answers"),
+                 (tf.uint8, tf.string, tf.string), lambda s: ([s, s, 3], [None], [None]))
+
+
+def render_word(dataset):
+  """{'index', 'split'} -> {'image', 'text'}: one large dictionary word."""
+  def py(split, index, size):
+    e = synthetic_text.word_example(split, index, size)
+    return e["image"], np.array(e["text"].encode("utf-8"), dtype=object)
+  return _render(dataset, py, ("image", "text"), (tf.uint8, tf.string),
+                 lambda s: ([s, s, 3], []))
+
+
+add_task("learn_shapes_detection", synthetic.shapes_source("learn_shapes_detection"),
+         [render_few_shapes, detection.detection, pp.prepare_images, *TAIL])
+add_task("learn_word_ocr", synthetic.text_image_source("learn_word_ocr"),
+         [render_word, pp.ocr, pp.prepare_images, *TAIL])
+add_task("learn_counting_vqa", synthetic.shapes_source("learn_counting_vqa"),
+         [render_counting, pp.vqa, pp.prepare_images, *TAIL])
+
+LEARN_RATES = (
+    ("learn_shapes_detection", 0.45),  # the slowest to learn: the largest share
+    ("learn_word_ocr", 0.3),
+    ("learn_counting_vqa", 0.15),
+    ("synthetic_shapes_caption", 0.1),  # learnt quickly (CIDEr > 1 at 360 steps' worth)
+)
+add_mixture("pali_synthetic_learn_v2", LEARN_RATES)

@@ -1,0 +1,74 @@
+"""The learning-benchmark task variants (tasks/learning.py): scenes of 1-3 shapes, single
+large dictionary words, counting questions only; their batches have the model's features."""
+import re
+
+import numpy as np
+import pytest
+
+import tasks  # noqa: F401 (registers the tasks)
+from pali.data import pipeline
+from pali.data import synthetic_scenes as sc
+from pali.data import synthetic_text as st
+from tasks import learning
+
+
+def test_few_shape_scenes_have_one_to_three_objects():
+  counts = set()
+  for i in range(60):
+    e = sc.example("train", i, 32, max_shapes=learning.LEARN_MAX_SHAPES)
+    n = len(e["labels"])
+    assert 1 <= n <= 3 and e["boxes"].shape == (n, 4)
+    counts.add(n)
+  assert counts == {1, 2, 3}
+  # The default keeps the usual 1-4-shape scenes.
+  assert sc.scene_spec("train", 5) == sc.scene_spec("train", 5, max_shapes=sc.MAX_SHAPES)
+
+
+def test_word_examples_are_single_dictionary_words_and_disjoint_splits():
+  words = st.dictionary_words()
+  assert len(words) == 500 and all(w.isalpha() and w.islower() for w in words)
+  train = [st.word_spec("train", i) for i in range(100)]
+  val = [st.word_spec("validation", i) for i in range(100)]
+  key = lambda s: repr((s["lines"], s["font_frac"], s["bg"], s["x"], s["y"]))
+  assert not {key(s) for s in train} & {key(s) for s in val}
+  for i in range(10):
+    e = st.word_example("validation", i, 64)
+    assert e["text"] in words and len(e["text"].split()) == 1
+    assert e["image"].shape == (64, 64, 3) and e["image"].std() > 5  # the word is drawn
+
+
+def _batch(task, n=8):
+  ds = pipeline.get_dataset(task, split="validation", batch_size=n, image_size=32, shuffle=False,
+                            task_feature_lengths={"inputs": 24, "targets": 32})
+  b = next(iter(ds.as_numpy_iterator()))
+  assert b["images"].shape == (n, 1, 32, 32, 3) and b["decoder_target_tokens"].shape == (n, 32)
+  assert np.all(b["decoder_loss_weights"].sum(1) > 0)
+  vocab = pipeline._lookup(task).output_features["targets"].vocabulary  # noqa: SLF001
+  dec = lambda ids: vocab.decode([int(t) for t in ids if t > 1])
+  return [dec(x) for x in b["encoder_input_tokens"]], [dec(x) for x in b["decoder_target_tokens"]]
+
+
+@pytest.mark.parametrize("task", ["learn_shapes_detection", "learn_word_ocr",
+                                  "learn_counting_vqa", "pali_synthetic_learn_v2"])
+def test_learning_task_batches(task):
+  prompts, targets = _batch(task)
+  if task == "learn_shapes_detection":
+    assert all(p.startswith("detect ") for p in prompts)
+    assert all(1 <= t.count("<loc") // 4 <= 3 and t.count("<loc") % 4 == 0 for t in targets)
+    # Validation boxes are exact, not snapped to the 64 training levels.
+    grid = {round(k * 1023 / 63) for k in range(64)}
+    bins = [int(b) for t in targets for b in re.findall(r"<loc(\d{4})>", t)]
+    assert any(b not in grid for b in bins)
+  elif task == "learn_word_ocr":
+    assert all(t in st.dictionary_words() for t in targets)
+  elif task == "learn_counting_vqa":
+    assert all("how many" in p for p in prompts) and all(t.isdigit() for t in targets)
+
+
+def test_training_boxes_are_snapped_validation_boxes_exact():
+  boxes = np.array([[0.1234, 0.5, 0.7777, 0.999]], np.float32)
+  snapped = learning.snap(boxes, 64)
+  assert np.allclose(snapped * 63, np.round(snapped * 63), atol=1e-4)
+  assert np.abs(snapped - boxes).max() <= 0.5 / 63 + 1e-6
+  # Flipping keeps a snapped coordinate on the grid.
+  assert np.allclose((1 - snapped) * 63, np.round((1 - snapped) * 63), atol=1e-4)
