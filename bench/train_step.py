@@ -109,7 +109,13 @@ def run(args) -> dict:
       state, metrics = compiled(state, batch, rng)
       losses.append(float(metrics["loss"]))  # blocks until the step is done
 
+    cpu0 = os.times()
     times = common.time_calls(one_step, args.steps, warmup=args.warmup)
+    cpu1 = os.times()
+    # CPU seconds this process used per step (warm-up included): a load-independent proxy
+    # for the work done when other jobs share the cores.
+    cpu_per_step = ((cpu1.user + cpu1.system) - (cpu0.user + cpu0.system)) / (
+        args.steps + args.warmup)
 
   shapes = flops.BatchShapes.from_batch(host)
   step_flops = flops.train_step_flops(cfg, shapes)
@@ -125,6 +131,7 @@ def run(args) -> dict:
       "image_size": args.image_size, "input_len": args.input_len,
       "target_len": args.target_len, "steps": args.steps, "compile_s": compile_s,
       "median_step_s": med, "min_step_s": min(times), "step_times_s": times,
+      "cpu_s_per_step": cpu_per_step,
       "examples_per_s": args.batch / med, "tokens_per_s": tokens / med,
       "gflop_per_step": step_flops / 1e9, "achieved_gflop_per_s": step_flops / med / 1e9,
       "peak_matmul_dtype": matmul_dtype, "peak_gflop_per_s": peak / 1e9,
@@ -141,7 +148,8 @@ def main(argv=None):
   row = run(args)
   machine = common.machine_info()
   row["load_average_after"] = machine["load_average_1_5_15min"]
-  cols = ["config", "dtype", "batch", "compile_s", "median_step_s", "examples_per_s",
+  cols = ["config", "dtype", "batch", "compile_s", "median_step_s", "cpu_s_per_step",
+          "examples_per_s",
           "tokens_per_s", "achieved_gflop_per_s", "peak_gflop_per_s", "mfu",
           "load_average_after"]
   print(common.format_table([row], cols))

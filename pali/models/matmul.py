@@ -58,11 +58,24 @@ def _dot(a, b, op_dtype, b_transposed: bool):
                              preferred_element_type=_acc(op_dtype))
 
 
+def _transpose(x, perm):
+  """`jnp.transpose(x, perm)` materialised in row-major order.
+
+  XLA's CPU backend hands a bfloat16 -> float32 dot to its fast YNNPACK kernels only when both
+  operands are row-major; a plain transpose reaches the dot as a column-major view (or gets
+  folded into it), and the dot is then upcast to float32 and run on slower kernels. A unit
+  dimension carried through the transpose and reshaped away gives the copy a row-major layout;
+  the barrier keeps later passes from folding it back into the dot.
+  """
+  n = x.ndim
+  y = jnp.transpose(jnp.reshape(x, x.shape + (1,)), (perm[0], n) + tuple(perm[1:]))
+  return jax.lax.optimization_barrier(jnp.reshape(y, tuple(x.shape[p] for p in perm)))
+
+
 def _transposed(x):
-  """x with its last two dims swapped, materialised: the barrier stops XLA from folding the
-  transpose back into the dot as a contraction over the rows (which its CPU backend runs on
-  slow kernels, upcasting bfloat16 to float32; a batched one even fails in bfloat16->float32)."""
-  return jax.lax.optimization_barrier(jnp.swapaxes(x, -1, -2))
+  """x with its last two dims swapped, materialised (see `_transpose`)."""
+  perm = tuple(range(x.ndim - 2)) + (x.ndim - 1, x.ndim - 2)
+  return _transpose(x, perm)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
@@ -109,12 +122,13 @@ def dense(x, kernel, axis: tuple[int, ...], dtype):
 
 def attention_logits(q, k, dtype=jnp.float32):
   """q [B, Lq, H, D], k [B, Lk, H, D] -> q.k logits [B, H, Lq, Lk] in `dtype`."""
-  qh, kh = jnp.swapaxes(q, 1, 2), jnp.swapaxes(k, 1, 2)
+  # Transposed in their own dtype: their gradients come back in it, not rounded to bf16.
+  qh, kh = (_transpose(t, (0, 2, 1, 3)) for t in (q, k))
   return _matmul(qh, kh, True, operand_dtype(q.dtype), jnp.dtype(dtype))
 
 
 def attention_combine(weights, v, dtype):
   """weights [B, H, Lq, Lk], v [B, Lk, H, D] -> weighted values [B, Lq, H, D] in `dtype`."""
-  out = _matmul(weights, jnp.swapaxes(v, 1, 2), False, operand_dtype(v.dtype),
-                jnp.dtype(dtype))
-  return jnp.swapaxes(out, 1, 2)
+  vh = _transpose(v, (0, 2, 1, 3))
+  out = _matmul(weights, vh, False, operand_dtype(v.dtype), jnp.dtype(dtype))
+  return _transpose(out, (0, 2, 1, 3))  # so that its gradient reaches the dots row-major
