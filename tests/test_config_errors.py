@@ -1,6 +1,7 @@
 """Bad configurations stop before anything compiles, with a message naming the value and fix."""
 import os
 
+import numpy as np
 import pytest
 
 from launch import launch_utils
@@ -81,3 +82,16 @@ def test_nothing_loads_with_pickle():
           if "import pickle" in text or "allow_pickle=True" in text or "cloudpickle" in text:
             offenders.append(name)
   assert not offenders
+
+
+def test_trains_on_a_task_registered_by_another_teams_module(tmp_path):
+  """`--module_import=tests.custom_task_module` + `MIXTURE = 'custom_test_captions'`: the
+  launcher's gin path imports the module, validates the task name and trains on it."""
+  launch_utils.parse_gin(BASE, [
+      f"MODEL_DIR = '{tmp_path}'", "MIXTURE = 'custom_test_captions'", "BATCH_SIZE = 8",
+      "IMAGE_SIZE = 32", "TRAIN_STEPS = 2", "INPUT_LENGTH = 16", "TARGET_LENGTH = 16",
+      "train.log_every = 1", "train.checkpoint_every = 2"],
+      module_imports=["tests.custom_task_module"])
+  result = trainer.train()
+  assert result.step == 2
+  assert np.isfinite(result.last_metrics["loss"])
