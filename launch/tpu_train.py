@@ -37,13 +37,14 @@ def main(argv):
   except launch_utils.user_errors() as e:
     logging.error("%s", e)
     print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    launch_utils.exit_now(2)
   except trainer.NonFiniteLossError as e:
     logging.error("%s", e)
     print(f"error: {e}", file=sys.stderr)
-    sys.exit(3)
+    launch_utils.exit_now(3)
   logging.info("Training finished at step %d%s.", result.step,
                " (preempted)" if result.preempted else "")
+  launch_utils.exit_now(0)
 
 
 if __name__ == "__main__":

@@ -178,7 +178,10 @@ def train(*, model_dir: str = gin.REQUIRED, mixture: str = gin.REQUIRED,
         pending.append((step, metrics))
         if step < train_steps:
           batch = partitioning.host_batch_to_global(next(batches), mesh, rules)  # overlaps step
-        must_save = ckpt.should_save(step) or step == train_steps or preempt.event.is_set()
+        # Read the SIGTERM flag once per step: a signal landing between two reads would
+        # otherwise exit without the save it was promised (it waits for the next step instead).
+        preempted = preempt.event.is_set()
+        must_save = ckpt.should_save(step) or step == train_steps or preempted
         if step % log_every == 0 or must_save:
           fetched = _fetch(pending)
           pending = []
@@ -207,9 +210,9 @@ def train(*, model_dir: str = gin.REQUIRED, mixture: str = gin.REQUIRED,
         if must_save:
           ckpt.save(step, state, {"batches_consumed": consumed + (step - start_step)})
           last_good = step
-        if not preempt.event.is_set():
+        if not preempted:
           evaluation.maybe_run(step, state.params, last=step == train_steps)
-        if preempt.event.is_set():
+        if preempted:
           logging.info("SIGTERM received: saved a checkpoint at step %d; exiting.", step)
           result.preempted = True
           break
