@@ -105,15 +105,6 @@ def maybe_initialize_distributed() -> None:
     jax.distributed.initialize()
 
 
-def is_bound(name: str) -> bool:
-  import gin
-  try:
-    gin.query_parameter(name)
-    return True
-  except ValueError:
-    return False
-
-
 _PROJECT_MODULES = ("pali.models.pali", "pali.training.trainer", "pali.partitioning",
                     "pali.training.stages",
                     "pali.training.optimizer", "pali.warm_start", "tasks")

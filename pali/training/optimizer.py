@@ -12,7 +12,6 @@ from typing import Sequence
 import gin
 import jax
 import optax
-from flax import traverse_util
 
 
 @gin.configurable
@@ -91,7 +90,3 @@ def create_optimizer(params, *, name: str = "adafactor", schedule: optax.Schedul
     labels = jax.tree_util.tree_map(lambda m: "frozen" if m else "train", mask)
     tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
   return tx
-
-
-def flat_param_paths(params) -> list[str]:
-  return ["/".join(k) for k in traverse_util.flatten_dict(params)]
