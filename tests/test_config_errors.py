@@ -65,6 +65,11 @@ def test_init_from_that_does_not_exist(tmp_path):
   _fails(tmp_path, r"INIT_FROM=.*nowhere.*does not exist", f"INIT_FROM = '{tmp_path / 'nowhere'}'")
 
 
+def test_vocab_size_smaller_than_the_tokenizer(tmp_path):
+  _fails(tmp_path, r"VOCAB_SIZE=1000 .*smaller than the tokenizer's 2176 ids",
+         "T5Config.vocab_size = 1000")
+
+
 def test_unknown_module_import(tmp_path):
   with pytest.raises(ConfigError, match="no_such_module_xyz"):
     launch_utils.parse_gin(BASE, module_imports=["no_such_module_xyz"])

@@ -94,7 +94,7 @@ def train(*, model_dir: str = gin.REQUIRED, mixture: str = gin.REQUIRED,
       model_dir=model_dir, mixture=mixture, batch_size=batch_size, image_size=image_size,
       patch_size=model.config.vit.patch_size, mesh=mesh, rules=rules,
       grad_accum_steps=grad_accum_steps, on_nonfinite=on_nonfinite, init_from=init_from,
-      check_mixture=dataset_fn is None)
+      check_mixture=dataset_fn is None, model_vocab_size=model.config.t5.vocab_size)
 
   num_hosts, host_id = jax.process_count(), jax.process_index()
   host_batch = batch_size // num_hosts

@@ -43,9 +43,23 @@ def check_registered(name: str) -> None:
       "If it lives in your own module, pass --module_import=your.module.")
 
 
+def check_vocab_fits(model_vocab_size: int) -> None:
+  """Token ids at or above the model's vocabulary size would be clamped silently by the
+  embedding lookup: refuse the run instead."""
+  from pali.data import vocabulary
+
+  needed = vocabulary.get_vocabulary().vocab_size
+  if model_vocab_size < needed:
+    raise ConfigError(
+        f"VOCAB_SIZE={model_vocab_size} (T5Config.vocab_size) is smaller than the tokenizer's "
+        f"{needed} ids (SentencePiece pieces + 1024 loc + 3 mode tokens + 100 sentinels). Set "
+        f"VOCAB_SIZE to at least {needed} (a multiple of 128 is fastest).")
+
+
 def validate_train_config(*, model_dir, mixture, batch_size, image_size, patch_size, mesh: Mesh,
                           rules, grad_accum_steps=1, on_nonfinite="stop", init_from=None,
-                          check_mixture: bool = True) -> None:
+                          check_mixture: bool = True, model_vocab_size: int | None = None
+                          ) -> None:
   import jax
 
   if not model_dir:
@@ -76,4 +90,6 @@ def validate_train_config(*, model_dir, mixture, batch_size, image_size, patch_s
                       "MODEL_DIR (or its checkpoints/ folder), or unset it to start fresh.")
   if check_mixture:
     check_registered(mixture)
+    if model_vocab_size is not None:
+      check_vocab_fits(model_vocab_size)
   check_writable(model_dir)
