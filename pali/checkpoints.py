@@ -20,6 +20,12 @@ from etils import epath
 _TMP_PATTERN = re.compile(r"\.orbax-checkpoint-tmp")
 
 
+def absolute(path: str) -> str:
+  """orbax needs absolute paths; remote ones (gs://...) are left as they are."""
+  path = os.fspath(path)
+  return path if "://" in path else os.path.abspath(path)
+
+
 def remove_partial_checkpoints(directory: str) -> list[str]:
   """Deletes folders left by a save that never finished; returns what was removed."""
   path = epath.Path(directory)
@@ -39,7 +45,7 @@ class Checkpointer:
 
   def __init__(self, directory: str, *, save_every: int, keep: int = 3,
                asynchronous: bool = True):
-    self.directory = os.fspath(directory)
+    self.directory = absolute(directory)
     self.save_every = save_every
     remove_partial_checkpoints(self.directory)
     options = ocp.CheckpointManagerOptions(
@@ -83,7 +89,7 @@ class Checkpointer:
 
 def restore_params(directory: str, step: int | None, abstract_params: Any) -> Any:
   """Reads only the parameters of a training checkpoint (for evaluation and warm starts)."""
-  manager = ocp.CheckpointManager(os.fspath(directory), item_names=("state", "data"))
+  manager = ocp.CheckpointManager(absolute(directory), item_names=("state", "data"))
   try:
     step = manager.latest_step() if step is None else step
     if step is None:

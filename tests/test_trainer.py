@@ -169,3 +169,11 @@ def test_restore_onto_a_different_mesh(tmp_path):
   wi = state.params["encoder"]["layers_0"]["mlp"]["wi_0"]["kernel"]
   assert wi.sharding.spec == P("fsdp", "tensor")
   jax.tree_util.tree_map(np.testing.assert_array_equal, saved, jax.device_get(state.params))
+
+
+def test_relative_model_dir(tmp_path, monkeypatch):
+  """`MODEL_DIR = 'runs/x'` (the quickstart's default) works: orbax needs absolute paths."""
+  monkeypatch.chdir(tmp_path)
+  result = _train("runs/relative", 2)
+  assert result.step == 2
+  assert (tmp_path / "runs" / "relative" / "checkpoints" / "2").is_dir()

@@ -84,6 +84,7 @@ def train(*, model_dir: str = gin.REQUIRED, mixture: str = gin.REQUIRED,
   from pali.data import pipeline
   from pali.models import pali as pali_model
 
+  model_dir = checkpoints.absolute(model_dir) if model_dir else model_dir
   model = model if model is not None else model_for_image_size(image_size)
   try:
     mesh = partitioning.create_mesh()
