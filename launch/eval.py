@@ -75,24 +75,26 @@ def evaluate_checkpoints(*, checkpoint_path: str = gin.REQUIRED,
   """Evaluates the checkpoints at `checkpoint_path` (a step folder, a checkpoints folder or a
   run folder); returns {step: {task: metrics}}. See the module docstring."""
   from pali import checkpoints, partitioning
+  from pali.evaluation import checkpoint_io
   from pali.evaluation import evaluator as ev
   from pali.training import trainer
 
-  directory, only_step = ev.resolve_checkpoint_path(checkpoint_path)
-  eval_dir = eval_dir or ev.model_dir_for(directory)
+  directory, only_step = checkpoint_io.resolve_checkpoint_path(checkpoint_path)
+  eval_dir = eval_dir or checkpoint_io.model_dir_for(directory)
   record = os.path.join(eval_dir, "eval", "evaluated_steps.json")
   done = _load_evaluated(record) if skip_evaluated and only_step is None else set()
   mesh, rules = partitioning.create_mesh(), partitioning.logical_axis_rules()
   model = model or trainer.model_for_image_size(image_size)
-  abstract = ev.abstract_params(model, mesh, rules, image_size=image_size,
-                                max_images=max_images, task_feature_lengths=task_feature_lengths)
+  abstract = checkpoint_io.abstract_params(
+      model, mesh, rules, image_size=image_size, max_images=max_images,
+      task_feature_lengths=task_feature_lengths)
   evaluator = ev.Evaluator(model, mesh=mesh, rules=rules,
                            task_feature_lengths=task_feature_lengths, image_size=image_size,
                            max_images=max_images)
   results: dict[int, dict] = {}
   last_new = time.time()
   while True:
-    steps = [only_step] if only_step is not None else ev.checkpoint_steps(directory)
+    steps = [only_step] if only_step is not None else checkpoint_io.checkpoint_steps(directory)
     pending = [s for s in steps if s not in done]
     step = _agree(pending[0] if pending else -1)
     if step >= 0:
