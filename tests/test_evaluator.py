@@ -1,5 +1,6 @@
 """Batch evaluation: metrics per task family, pictures, TensorBoard/JSONL outputs, the eval
-launcher on a checkpoint of a tiny training run, continuous mode, in-training evaluation.
+launcher on a checkpoint of a tiny training run, continuous mode, in-training evaluation, and
+every example of a split scored exactly once (a partial last batch is padded, not dropped).
 
 One tiny training run (2 steps, 32 px, evaluation at every step and a final report) is shared
 by the module; the decode and loss functions are compiled once per process (the evaluator
@@ -18,7 +19,8 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.util import tensor_util
 
-from pali.evaluation import task_metrics, visualize
+from pali.evaluation import eval_input, task_metrics, visualize
+from tests import eval_tasks
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASK = "synthetic_shapes_detection"
@@ -96,6 +98,43 @@ def test_draw_prediction_boxes_and_text():
   assert (pic[64:] < 100).any()  # some text was written in the panel
   tiles = visualize.grid([pic, pic, pic], columns=2, titles=["a", "b", "c"])
   assert tiles.shape[1] > 2 * 64 and tiles.shape[0] > 2 * pic.shape[0]
+
+
+def test_positions_over_hosts_with_uneven_shards_and_a_budget():
+  # Two hosts of 4 rows: row j of host 0, then row j of host 1, ... (seqio's interleaved
+  # shards: the example's index in the split).
+  np.testing.assert_array_equal(eval_input.assign_positions([4, 4], 4, 100),
+                                [[0, 2, 4, 6], [1, 3, 5, 7]])
+  # Host 1's shard ran out: it still runs the step, with rows that are all padding.
+  np.testing.assert_array_equal(eval_input.assign_positions([1, 0], 4, 100, start=8),
+                                [[8, -1, -1, -1], [-1, -1, -1, -1]])
+  # Uneven counts, and a budget of 3 more examples: the rest is read but not kept.
+  np.testing.assert_array_equal(eval_input.assign_positions([3, 2], 4, 3, start=16),
+                                [[16, 18, -1, -1], [17, -1, -1, -1]])
+  np.testing.assert_array_equal(eval_input.assign_positions([3], 4, 100), [[0, 1, 2, -1]])
+
+
+def test_eval_batches_pad_the_last_batch_with_zero_weight_rows():
+  import tensorflow as tf
+  n, width = 11, 3
+  ds = tf.data.Dataset.from_tensor_slices({
+      "encoder_input_tokens": np.arange(1, n + 1, dtype=np.int32)[:, None, None].repeat(
+          width, 2),
+      "decoder_loss_weights": np.ones((n, 1, width), np.float32)})
+  batches = list(eval_input.eval_batches(ds, host_batch=4, max_examples=100))
+  assert len(batches) == 3  # 4 + 4 + 3 (padded to 4), nothing dropped
+  for batch, positions in batches:
+    assert batch["encoder_input_tokens"].shape == (4, width)  # one static shape
+    assert positions.shape == (4,)
+    np.testing.assert_array_equal(batch["decoder_loss_weights"][:, 0], positions >= 0)
+  positions = np.concatenate([p for _, p in batches])
+  np.testing.assert_array_equal(positions, list(range(n)) + [-1])
+  tokens = np.concatenate([b["encoder_input_tokens"][:, 0] for b, _ in batches])
+  np.testing.assert_array_equal(tokens, list(range(1, n + 1)) + [0])  # a zero row
+  # A budget of 6: the second batch reads 2 and pads 2; no third step.
+  batches = list(eval_input.eval_batches(ds, host_batch=4, max_examples=6))
+  np.testing.assert_array_equal(np.concatenate([p for _, p in batches]),
+                                [0, 1, 2, 3, 4, 5, -1, -1])
 
 
 # ---- with the tiny training run ------------------------------------------------------------------
@@ -199,3 +238,81 @@ def test_continuous_eval_picks_up_a_new_checkpoint(run, tmp_path):
   assert set(_scalars(str(run_dir / "eval" / TASK))["AP50"]) == {1, 2}
   # A restart skips what was evaluated already.
   assert _launch_eval(_eval_argv(model_dir, f"--gin.CHECKPOINT_PATH='{watched}'")) == {}
+
+
+def _reference(model, params, task_name, lengths, image_size):
+  """The whole split as ONE unsharded batch (no padding), decoded and scored by hand: per
+  example (target, prediction, score) and a `loss_of(n)` over the first n examples."""
+  import seqio
+
+  from pali import decoding
+  from pali.data import pipeline
+  from pali.evaluation import evaluator as ev
+  from pali.training import step as step_lib
+  n = eval_tasks.SIZES[task_name]
+  ds = pipeline.get_dataset(task_name, split="validation", task_feature_lengths=lengths,
+                            batch_size=n, image_size=image_size, shuffle=False, seed=0,
+                            num_epochs=1)
+  (batch,) = list(ds.as_numpy_iterator())
+  params = jax.device_get(params)
+  tokens, scores = jax.jit(lambda p, b: decoding.decode_batch(
+      model, p, b, max_decode_len=lengths["targets"], method="greedy"))(
+          params, {k: batch[k] for k in ev.DECODE_FEATURES})
+  vocab = seqio.get_mixture_or_task(task_name).output_features["targets"].vocabulary
+  decode = lambda rows: [vocab.decode(ev._strip_ids(r)) for r in np.asarray(rows)]  # noqa: E731
+  loss_step = jax.jit(step_lib.make_eval_step(model))
+
+  def loss_of(count):
+    weights = batch["decoder_loss_weights"].copy()
+    weights[count:] = 0
+    sums = jax.device_get(loss_step(params, dict(batch, decoder_loss_weights=weights)))
+    return (float(sums["loss"]) / float(sums["weight_sum"]),
+            float(sums["correct"]) / float(sums["weight_sum"]))
+
+  return decode(batch["decoder_target_tokens"]), decode(tokens), np.asarray(scores), loss_of
+
+
+def test_partial_last_batch_is_scored_not_dropped(run, tmp_path):
+  """20 examples, batches of 8: 8 + 8 + 4 real rows (and 4 padding) -> all 20 scored, with the
+  metrics of the same 20 examples decoded as one unpadded batch; a budget of 13 scores 13."""
+  import seqio
+
+  from pali import checkpoints, partitioning
+  from pali.evaluation import evaluator as ev
+  from pali.training import trainer
+  model_dir, _ = run
+  _parse(GIN_FILES, _run_bindings(model_dir))
+  task_name, lengths = eval_tasks.CAPTION_20, {"inputs": 16, "targets": 24}
+  mesh, rules = partitioning.create_mesh(), partitioning.logical_axis_rules()
+  model = trainer.model_for_image_size(32)
+  params = checkpoints.restore_params(os.path.join(model_dir, "checkpoints"), 2, ev.abstract_params(
+      model, mesh, rules, image_size=32, max_images=1, task_feature_lengths=lengths))
+  targets, predictions, scores, loss_of = _reference(model, params, task_name, lengths, 32)
+  scorer = task_metrics.for_task(task_name, seqio.get_mixture_or_task(task_name))
+
+  for budget, n in ((64, 20), (13, 13)):
+    evaluator = ev.Evaluator(model, mesh=mesh, rules=rules, task_feature_lengths=lengths,
+                             image_size=32, settings=ev.EvalSettings(
+                                 max_eval_examples=budget, batch_size=8, num_images=2))
+    assert evaluator.global_batch == 8
+    out = str(tmp_path / f"budget_{budget}")
+    metrics = evaluator.evaluate(params, mixture_or_task=task_name, step=2,
+                                 model_dir=out)[task_name]
+    evaluator.close()
+    assert metrics["num_examples"] == n
+    rows = [json.loads(line) for line in
+            open(os.path.join(out, "eval", task_name, "predictions_2.jsonl"))]
+    assert [r["target"] for r in rows] == targets[:n]  # each example once, in split order
+    assert [r["prediction"] for r in rows] == predictions[:n]
+    np.testing.assert_allclose([r["score"] for r in rows], scores[:n], rtol=1e-4, atol=1e-4)
+    want = scorer.compute(targets=targets[:n], predictions=predictions[:n],
+                          scores=list(scores[:n]), target_ids=[], prediction_ids=[])
+    assert {"cider", "bleu4"} <= set(want)
+    for k, v in want.items():
+      assert metrics[k] == pytest.approx(v, abs=1e-9), k
+    # Padding rows carry zero loss weight: the loss is that of the n real examples.
+    loss, accuracy = loss_of(n)
+    assert metrics["loss"] == pytest.approx(loss, rel=1e-5)
+    assert metrics["accuracy"] == pytest.approx(accuracy, rel=1e-5)
+    assert float(_scalars(os.path.join(out, "eval", task_name))["num_examples"][2]) == n
+  assert loss_of(13)[0] != pytest.approx(loss_of(16)[0], rel=1e-4)  # the loss tells sets apart

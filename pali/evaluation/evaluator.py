@@ -1,19 +1,19 @@
 """Batch evaluation of parameters on a seqio task or a whole mixture.
 
-For every task: the eval split in a fixed order (`shuffle=False`, one epoch), at most
-`EvalSettings.max_eval_examples` examples; decode (`pali.decoding.decode_batch`, jitted once
-per shape), detokenize with the task's vocabulary, postprocess and score
-(`pali.evaluation.task_metrics`); teacher-forced loss and token accuracy
+For every task: the eval split in a fixed order (`shuffle=False`, one epoch), every example
+up to `EvalSettings.max_eval_examples` exactly once (the last batch is padded with zero rows,
+which carry zero loss weight and are dropped before scoring; see `eval_input`); decode
+(`pali.decoding.decode_batch`, jitted once per shape), detokenize with the task's vocabulary,
+postprocess and score (`pali.evaluation.task_metrics`); teacher-forced loss and token accuracy
 (`pali.training.step.make_eval_step`). Outputs under `MODEL_DIR/eval/<task>/`: TensorBoard
 scalars (tags = metric names, plus `loss`, `accuracy`, `num_examples`), an image summary
 `predictions` (boxes drawn, texts written) and `predictions_<step>.jsonl` (input, target,
 prediction, score).
 
-Multi-host: each host reads and decodes its own shard (`shard_id = process_index`); the
-token arrays (inputs, targets, predictions, scores) of every batch are gathered to all hosts
+Multi-host: each host reads and decodes its own shard (`shard_id = process_index`); every host
+runs the same number of steps (a host whose shard ran out decodes zero rows); the token arrays
+(inputs, targets, predictions, scores, positions) of every batch are gathered to all hosts
 with `multihost_utils.process_allgather`, and process 0 alone detokenizes, scores and writes.
-The hosts agree first on the number of batches (the smallest shard's), so every host runs the
-same collectives.
 
 Checkpoint discovery lives in `checkpoint_io` (its names are re-exported here).
 """
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import itertools
 import json
 import math
 import os
@@ -37,7 +36,7 @@ from clu import metric_writers
 from jax.experimental import multihost_utils
 
 from pali import checkpoints, decoding, partitioning
-from pali.evaluation import task_metrics, visualize
+from pali.evaluation import eval_input, task_metrics, visualize
 from pali.evaluation.checkpoint_io import (abstract_params, checkpoint_steps,  # noqa: F401
                                            model_dir_for, resolve_checkpoint_path)
 from pali.training import step as step_lib
@@ -160,17 +159,14 @@ class Evaluator:
     return self._tries[task_name]
 
   # ---- one task --------------------------------------------------------------------------
-  def _local_batches(self, task_name: str) -> list[dict]:
+  def _local_examples(self, task_name: str):
+    """This host's shard, one example per element (batch_size=1 drops nothing)."""
     from pali.data import pipeline
-    ds = pipeline.get_dataset(
+    return pipeline.get_dataset(
         task_name, split=self.settings.split, task_feature_lengths=self.task_feature_lengths,
-        batch_size=self.host_batch, image_size=self.image_size, max_images=self.max_images,
+        batch_size=1, image_size=self.image_size, max_images=self.max_images,
         shuffle=False, seed=0, shard_id=jax.process_index(), num_shards=jax.process_count(),
         num_epochs=1)
-    wanted = -(-self.settings.max_eval_examples // self.global_batch)
-    batches = list(itertools.islice(ds.as_numpy_iterator(), wanted))
-    counts = multihost_utils.process_allgather(np.int32(len(batches)))
-    return batches[:int(np.min(counts))]
 
   def evaluate_task(self, params, task_name: str) -> tuple[dict, list[dict], list[np.ndarray]]:
     """Returns (metrics, examples, images of the first examples) on every host; metrics and
@@ -181,29 +177,36 @@ class Evaluator:
     vocab = task.output_features["targets"].vocabulary
     trie = self._trie_for(task_name, vocab)
     rng = jax.random.PRNGKey(s.seed)
-    batches = self._local_batches(task_name)
-    if not batches:
-      logging.warning("Task %s has no complete eval batch of %d in split %r: skipped.",
-                      task_name, self.global_batch, s.split)
-      return {}, [], []
-    gathered, images, sums = [], [], None
+    gathered, images, sums, seen = [], [], None, 0
     t0 = time.time()
-    for local in batches:
-      batch = partitioning.host_batch_to_global(local, self.mesh, self.rules)
+    for local, positions in eval_input.eval_batches(
+        self._local_examples(task_name), host_batch=self.host_batch,
+        max_examples=s.max_eval_examples):
+      batch = partitioning.host_batch_to_global(dict(local, position=positions), self.mesh,
+                                                self.rules)
+      position = batch.pop("position")  # sharded like the rows it numbers
       tokens, scores = self._decode(params, {k: batch[k] for k in DECODE_FEATURES}, trie, rng)
       batch_sums = jax.device_get(self._loss(params, batch))
       sums = batch_sums if sums is None else jax.tree_util.tree_map(np.add, sums, batch_sums)
-      gathered.append(multihost_utils.process_allgather(
+      out = multihost_utils.process_allgather(
           {"inputs": batch["encoder_input_tokens"], "targets": batch["decoder_target_tokens"],
-           "predictions": tokens, "scores": scores}, tiled=True))
-      if len(images) < s.num_images:
+           "predictions": tokens, "scores": scores, "position": position}, tiled=True)
+      gathered.append(out)
+      if seen < s.num_images:  # positions of this step start at `seen`
         imgs = multihost_utils.process_allgather(batch["images"], tiled=True)
-        images.extend(list(imgs[:s.num_images - len(images), 0]))
+        first = np.flatnonzero((out["position"] >= 0) & (out["position"] < s.num_images))
+        images.extend(imgs[first[np.argsort(out["position"][first])], 0])
+      seen += int((out["position"] >= 0).sum())
     decode_s = time.time() - t0
+    if not gathered:
+      logging.warning("Task %s has no example in split %r: skipped.", task_name, s.split)
+      return {}, [], []
     if not _is_lead():
       return {}, [], images
-    cat = {k: np.concatenate([g[k] for g in gathered])[:s.max_eval_examples]
-           for k in gathered[0]}
+    cat = {k: np.concatenate([g[k] for g in gathered]) for k in gathered[0]}
+    kept = np.flatnonzero(cat["position"] >= 0)
+    order = kept[np.argsort(cat["position"][kept], kind="stable")]
+    cat = {k: v[order] for k, v in cat.items()}
     ids = {k: [_strip_ids(row) for row in cat[k]] for k in ("inputs", "targets", "predictions")}
     texts = {k: [vocab.decode(row) for row in v] for k, v in ids.items()}
     scorer = task_metrics.for_task(task_name, task)
