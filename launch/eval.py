@@ -49,7 +49,8 @@ def _load_evaluated(path: str) -> set[int]:
 def _save_evaluated(path: str, steps: set[int]) -> None:
   import jax
   import tensorflow as tf
-  if jax.process_index() == 0:
+  if jax.process_index() == 0:  # the other hosts write nothing, not even the folder
+    tf.io.gfile.makedirs(os.path.dirname(path))
     with tf.io.gfile.GFile(path, "w") as f:
       json.dump(sorted(steps), f)
 
@@ -105,7 +106,6 @@ def evaluate_checkpoints(*, checkpoint_path: str = gin.REQUIRED,
       del params
       done.add(step)
       if only_step is None:
-        tf_safe_makedirs(os.path.dirname(record))
         _save_evaluated(record, done)
       last_new = time.time()
       if only_step is not None or (last_step is not None and step >= last_step):
@@ -123,11 +123,6 @@ def evaluate_checkpoints(*, checkpoint_path: str = gin.REQUIRED,
   if not results and not wait_for_new and only_step is None and not done:
     raise FileNotFoundError(f"No finished checkpoint in {directory}.")
   return results
-
-
-def tf_safe_makedirs(path: str) -> None:
-  import tensorflow as tf
-  tf.io.gfile.makedirs(path)
 
 
 def run_from_flags() -> dict[int, dict]:
