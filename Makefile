@@ -1,13 +1,21 @@
 # Two commands do everything on a fresh machine with Python 3.11 and pip:
 #   make train   create .venv, install, run the quickstart pretraining on synthetic data
 #   make test    install what the tests need and run the test suite
+#   make bench-torch  the PyTorch-parts reference of the training step (bench/pytorch_reference.py)
+#                in its own venv .venv-torch (torch is not a project dependency)
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: install train test clean
+# torch==2.13.0 exactly: that is the CPU wheel on local disk; a plain `torch` pulls a CUDA build
+# of several GB. BENCH_TORCH_ARGS passes options, e.g. BENCH_TORCH_ARGS='--steps 2 --json x.json'.
+TORCH_VENV  := .venv-torch
+TORCH_STAMP := $(TORCH_VENV)/.installed-stamp
+BENCH_TORCH_ARGS ?=
+
+.PHONY: install train test clean bench-torch
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,5 +31,14 @@ train: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile $(PYTEST_ARGS)
 
+$(TORCH_STAMP):
+	$(PYTHON) -m venv $(TORCH_VENV)
+	$(TORCH_VENV)/bin/python -m pip install -q --upgrade pip
+	$(TORCH_VENV)/bin/python -m pip install -q torch==2.13.0 transformers
+	touch $(TORCH_STAMP)
+
+bench-torch: $(TORCH_STAMP)
+	$(TORCH_VENV)/bin/python bench/pytorch_reference.py $(BENCH_TORCH_ARGS)
+
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(TORCH_VENV) runs
