@@ -80,3 +80,33 @@ def test_frozen_parameters_hold_no_optimizer_state_and_do_not_move(name):
 def test_frozen_pattern_that_matches_nothing_is_an_error():
   with pytest.raises(ValueError, match="match no parameter"):
     optimizer.create_optimizer(_params(), frozen_patterns=["^nothing/"])
+
+
+def test_loc_targets_gaussian_by_hand():
+  # Vocabulary of 6: ids 0-1 text, ids 2-5 four location bins. Target bin 1 (id 3), sigma 1.
+  loc = losses.LocTargets(first=2, num=4, sigma=1.0)
+  logits = jnp.array([[[0.5, -1.0, 0.2, 1.0, 0.3, -0.4], [0.5, -1.0, 0.2, 1.0, 0.3, -0.4]]])
+  targets = jnp.array([[3, 1]])  # a loc target, then a text target (plain cross-entropy)
+  weights = jnp.array([[1.0, 2.0]])
+  loss, m = losses.compute_loss(logits, targets, weights, z_loss=0.0, loc_targets=loc)
+  logp = np.asarray(jax.nn.log_softmax(logits[0, 0]))
+  q = np.exp(-0.5 * (np.arange(4) - 1.0) ** 2); q /= q.sum()
+  kl = float(np.sum(q * (np.log(q) - logp[2:])))
+  np.testing.assert_allclose(loss, kl * 1.0 + (-logp[1]) * 2.0, rtol=1e-5)
+  assert float(m["correct"]) == 1.0  # argmax of the loc row is id 3: right; the text row wrong
+
+
+def test_loc_targets_perfect_prediction_scores_zero_and_small_sigma_is_one_hot():
+  loc = losses.LocTargets(first=1, num=8, sigma=2.0)
+  q = np.exp(-0.5 * ((np.arange(8) - 5.0) / 2.0) ** 2); q /= q.sum()
+  logits = jnp.concatenate([jnp.full((1,), -1e4), jnp.log(jnp.asarray(q))])[None, None]
+  loss, _ = losses.compute_loss(logits, jnp.array([[6]]), jnp.ones((1, 1)), z_loss=0.0,
+                                loc_targets=loc)
+  np.testing.assert_allclose(loss, 0.0, atol=1e-5)
+  rng = np.random.default_rng(0)
+  logits = jnp.asarray(rng.normal(size=(2, 3, 9)), jnp.float32)
+  targets = jnp.array([[1, 4, 8], [0, 7, 3]])
+  plain, _ = losses.compute_loss(logits, targets, jnp.ones((2, 3)), z_loss=0.0)
+  sharp, _ = losses.compute_loss(logits, targets, jnp.ones((2, 3)), z_loss=0.0,
+                                 loc_targets=losses.LocTargets(1, 8, 1e-3))
+  np.testing.assert_allclose(sharp, plain, rtol=1e-5)

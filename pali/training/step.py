@@ -33,7 +33,8 @@ def _split_microbatches(batch: dict, num: int) -> dict:
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
                     schedule: Callable[[Any], Any], *, frozen: Any = None,
                     grad_accum_steps: int = 1, z_loss: float = 1e-4,
-                    label_smoothing: float = 0.0, skip_nonfinite: bool = True):
+                    label_smoothing: float = 0.0, loc_targets: losses.LocTargets | None = None,
+                    skip_nonfinite: bool = True):
   """Returns `step(state, batch, dropout_rng) -> (state, metrics)` (not yet jitted).
 
   `frozen` is a tree of bools like the parameters: their gradients are stopped (XLA then skips
@@ -48,7 +49,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
     logits = model.apply({"params": params}, micro, train=True, rngs={"dropout": rng})
     loss_sum, sums = losses.compute_loss(
         logits, micro["decoder_target_tokens"], micro["decoder_loss_weights"],
-        z_loss=z_loss, label_smoothing=label_smoothing)
+        z_loss=z_loss, label_smoothing=label_smoothing, loc_targets=loc_targets)
     return loss_sum / total_weight, sums
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)

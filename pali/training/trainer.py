@@ -19,7 +19,7 @@ from clu import metric_writers
 
 from pali import checkpoints, partitioning
 from pali.evaluation import evaluator as evaluator_lib  # in-training eval lives there
-from pali.training import mfu
+from pali.training import losses, mfu
 from pali.training import optimizer as optimizer_lib
 from pali.training import step as step_lib
 from pali.training import train_state as train_state_lib
@@ -63,6 +63,17 @@ def _batch_tokens(batch_shapes: Mapping[str, tuple], patches_per_image: int) -> 
               + batch_shapes["decoder_target_tokens"][1])
 
 
+def _loc_targets(sigma: float):
+  """Soft targets over the <loc> bins of the vocabulary (losses.LocTargets), or None."""
+  if not sigma:
+    return None
+  if sigma < 0:
+    raise validation.ConfigError(f"train.loc_label_sigma={sigma}: must be >= 0 (in bins).")
+  from pali.data import vocabulary
+  vocab = vocabulary.get_vocabulary()
+  return losses.LocTargets(vocab.first_loc_id, vocabulary.NUM_LOC_TOKENS, float(sigma))
+
+
 # `dataset_fn` is configurable (`train.dataset_fn = @my_fn`) so tests and users can swap the
 # data source without code; `model` stays denylisted (gin builds it through build_model).
 @gin.configurable(denylist=["model"])
@@ -71,7 +82,8 @@ def train(*, model_dir: str = gin.REQUIRED, mixture: str = gin.REQUIRED,
           task_feature_lengths: Mapping[str, int] = gin.REQUIRED, image_size: int = 224,
           max_images: int = 1, seed: int = 0, checkpoint_every: int = 1000,
           keep_checkpoints: int = 3, log_every: int = 50, grad_accum_steps: int = 1,
-          z_loss: float = 1e-4, label_smoothing: float = 0.0, on_nonfinite: str = "stop",
+          z_loss: float = 1e-4, label_smoothing: float = 0.0, loc_label_sigma: float = 0.0,
+          on_nonfinite: str = "stop",
           init_from: str | None = None, frozen_patterns: tuple[str, ...] = (), model=None,
           dataset_fn: Callable[..., Any] | None = None, eval_every: int = 0,
           eval_mixture: str | None = None, final_eval: bool = False) -> TrainResult:
@@ -96,6 +108,7 @@ def train(*, model_dir: str = gin.REQUIRED, mixture: str = gin.REQUIRED,
       patch_size=model.config.vit.patch_size, mesh=mesh, rules=rules,
       grad_accum_steps=grad_accum_steps, on_nonfinite=on_nonfinite, init_from=init_from,
       check_mixture=dataset_fn is None, model_vocab_size=model.config.t5.vocab_size)
+  loc_targets = _loc_targets(loc_label_sigma)
 
   num_hosts, host_id = jax.process_count(), jax.process_index()
   host_batch = batch_size // num_hosts
@@ -137,7 +150,8 @@ def train(*, model_dir: str = gin.REQUIRED, mixture: str = gin.REQUIRED,
 
     step_fn = step_lib.make_train_step(
         model, tx, schedule, frozen=frozen, grad_accum_steps=grad_accum_steps, z_loss=z_loss,
-        label_smoothing=label_smoothing, skip_nonfinite=True)
+        label_smoothing=label_smoothing, loc_targets=loc_targets,
+        skip_nonfinite=True)
     batch_sh = {k: partitioning.batch_sharding(mesh, len(v.shape), rules) for k, v in dummy.items()}
     repl = partitioning.replicated(mesh)
     jitted = jax.jit(step_fn, in_shardings=(shardings, batch_sh, repl),
