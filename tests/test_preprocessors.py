@@ -141,6 +141,21 @@ def test_detection_random_order_and_round_trip():
   assert len(firsts) > 1  # the order is drawn afresh for every example
 
 
+def test_detection_deterministic_orders():
+  # dist2ori: by ymin^2 + xmin^2 of the (flipped) box; area: largest first. Same every time.
+  boxes = np.array([[0.6, 0.6, 0.9, 0.9], [0.1, 0.5, 0.2, 0.6], [0.0, 0.3, 0.8, 0.9]],
+                   np.float32)
+  ex = {"image": img(), "boxes": boxes, "labels": ["circle", "square", "star"]}
+  for order, want in (("dist2ori", ["star", "square", "circle"]),
+                      ("area", ["star", "circle", "square"])):
+    outs = run([_det(order=order), pp.prepare_images] + TAIL, [ex] * 4)
+    for out in outs:
+      assert [l for _, l in det.parse_detection(VOCAB.decode(out["targets"]))] == want
+      assert VOCAB.decode(out["inputs"]) == "detect " + " ; ".join(want)
+  with pytest.raises(ValueError, match="not one of"):
+    run([_det(order="sorted")], [ex])
+
+
 def test_detection_flip_moves_boxes():
   image = img(8, 8)
   image[:, :2] = 255  # a bright stripe on the left
@@ -308,3 +323,22 @@ def test_feature_converter():
   np.testing.assert_allclose(out["decoder_loss_weights"], [1.0, 0.0, 0.1, 0.0])
   assert out["decoder_loss_weights"].dtype == np.float32
   assert out["image_mask"].dtype == np.int32 and out["images"].dtype == np.uint8
+
+
+def test_spelled_ocr_targets_one_id_per_character_and_decode_to_the_text():
+  # 'before' is three SentencePiece pieces; spelled, it is one id per letter.
+  assert [VOCAB.id_to_token(i) for i in VOCAB.encode("before")] == ["be", "for", "e"]
+  robust.reset_skip_counts()
+  spell = functools.partial(pp.spell_targets, output_features=OF)
+  (out,) = run([pp.ocr, spell] + TAIL, [{"image": img(), "text": "before set"}])
+  pieces = [VOCAB.id_to_token(int(i)) for i in out["targets"][:-1]]
+  assert pieces == ["b", "e", "f", "o", "r", "e", "\u2581", "s", "e", "t"]
+  assert out["targets"][-1] == 1  # EOS
+  assert VOCAB.decode(out["targets"].tolist()) == "before set"
+  assert VOCAB.encode_spelled("before set") == out["targets"][:-1].tolist()
+  assert "spelled_unknown_chars" not in robust.skip_counts()
+  # A character with no single-character piece becomes unk, and is counted.
+  (out,) = run([pp.ocr, spell] + TAIL, [{"image": img(), "text": "a~b"}])
+  assert out["targets"].tolist() == [VOCAB.encode("a")[0], VOCAB.unk_id,
+                                     VOCAB.encode("b")[0], 1]
+  assert robust.skip_counts()["spelled_unknown_chars"] == 1

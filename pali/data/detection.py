@@ -2,7 +2,9 @@
 
 Prompt `detect a ; b` naming the classes asked for (the classes of the objects in the
 target, in the order they first appear); target per object `<locY1><locX1><locY2><locX2> label`
-(coordinates round(v * 1023)), objects joined by ` ; `, in a random order each time.
+(coordinates round(v * 1023)), objects joined by ` ; `, in pix2seq's object orders: 'random'
+(a new order each time, the default), 'dist2ori' (by the distance of the box's top-left
+corner from the image's, nearest first) or 'area' (largest first).
 Optional sequence augmentation (pix2seq): noise boxes (jittered / shifted copies of real
 boxes, or random boxes) labelled `noise`, appended after the real objects; their 4 box
 tokens have loss weight 0 (their label weight 1) and EOS has weight 0.1.
@@ -113,15 +115,32 @@ def _unique_in_order(labels):
   return tf.unique(labels)[0]
 
 
+ORDERS = ("random", "dist2ori", "area")
+
+
+def object_order(boxes, order: str, seed):
+  """Indices that put the objects in `order` (one of ORDERS)."""
+  if order == "random":
+    return tf.argsort(tf.random.stateless_uniform([tf.shape(boxes)[0]], seed))
+  if order == "dist2ori":
+    return tf.argsort(tf.square(boxes[:, 0]) + tf.square(boxes[:, 1]), stable=True)
+  if order == "area":
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    return tf.argsort(-area, stable=True)
+  raise ValueError(f"Detection order {order!r} is not one of {ORDERS}.")
+
+
 def detection(dataset, sequence_length, output_features, *, flip: bool = True,
               num_noise_boxes: int = 0, noise_eos_weight: float = 0.1,
-              image_key: str = "image"):
+              image_key: str = "image", order: str = "random"):
   """{image, boxes [n, 4] (ymin, xmin, ymax, xmax in [0, 1]), labels [n]} ->
   {image (resized to the stage size, flipped), inputs (prompt text), targets (tokens),
   targets_weights, eos_weight}."""
   vocab = output_features["targets"].vocabulary
   max_tokens = sequence_length["targets"] - 1  # EOS
   cfg = images_lib.current()
+  if order not in ORDERS:
+    raise ValueError(f"Detection order {order!r} is not one of {ORDERS}.")
 
   @seqio.map_over_dataset(num_seeds=1)
   @no_autograph
@@ -136,8 +155,8 @@ def detection(dataset, sequence_length, output_features, *, flip: bool = True,
     if flip:
       image, boxes = images_lib.random_flip(image, boxes, s_flip)
     n = tf.shape(labels)[0]
-    order = tf.argsort(tf.random.stateless_uniform([n], s_order))
-    boxes, labels = tf.gather(boxes, order), tf.gather(labels, order)
+    idx = object_order(boxes, order, s_order)  # after the flip: the order of what is seen
+    boxes, labels = tf.gather(boxes, idx), tf.gather(labels, idx)
     if num_noise_boxes:
       nb = noise_boxes(boxes, num_noise_boxes, s_noise)
       all_boxes = tf.concat([boxes, nb], 0)
