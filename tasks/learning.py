@@ -93,6 +93,8 @@ add_task("learn_shapes_detection", synthetic.shapes_source("learn_shapes_detecti
          [render_few_shapes, detection.detection, pp.prepare_images, *TAIL])
 add_task("learn_word_ocr", synthetic.text_image_source("learn_word_ocr"),
          [render_word, pp.ocr, pp.prepare_images, *TAIL])
+add_task("learn_word_ocr_spelled", synthetic.text_image_source("learn_word_ocr_spelled"),
+         [render_word, pp.ocr, pp.spell_targets, pp.prepare_images, *TAIL])
 add_task("learn_counting_vqa", synthetic.shapes_source("learn_counting_vqa"),
          [render_counting, pp.vqa, pp.prepare_images, *TAIL])
 

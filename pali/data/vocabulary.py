@@ -180,6 +180,24 @@ class PaliVocabulary(seqio.Vocabulary):
       pieces.append(self._sp.decode_ids(run))
     return "".join(pieces)
 
+  # ---- spelled (character-level) encoding --------------------------------------------------
+  def char_pieces(self) -> dict:
+    """{character: piece id} of every single-character piece; ' ' maps to the '▁' piece."""
+    out = {}
+    for i in range(3, self._sp_size):
+      piece = self._sp.id_to_piece(i)
+      if len(piece) == 1 and piece != "\u2581" and not self._sp.is_control(i):
+        out[piece] = i
+    boundary = self._sp.piece_to_id("\u2581")
+    if boundary != self.unk_id:
+      out[" "] = boundary
+    return out
+
+  def encode_spelled(self, s: str) -> List[int]:
+    """One id per character (unk where the vocabulary has no such piece): decodes to `s`."""
+    table = self.char_pieces()
+    return [table.get(c, self.unk_id) for c in (s.decode("utf-8") if isinstance(s, bytes) else s)]
+
   # ---- tensorflow ------------------------------------------------------------------------
   def _tf(self):
     # Built lazily (and once per vocabulary) so that pickling / gin never see TF objects.
