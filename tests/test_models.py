@@ -177,6 +177,18 @@ def test_every_param_has_logical_axes(scan):
   assert names["['vit']['embedding']['kernel']"] == ("patch", "embed")
 
 
+def test_conv_stem_channels():
+  cfg = tiny_config(vit_kw=dict(stem="conv", stem_channels=(12, 20)))
+  shapes = jax.eval_shape(lambda: pali.build_model(cfg).init(jax.random.key(0),
+                                                             random_batch(0)))["params"]
+  p = nn.meta.unbox(shapes)["vit"]
+  assert p["stem_conv_0"]["kernel"].shape == (3, 3, 3, 12)
+  assert p["stem_conv_1"]["kernel"].shape == (3, 3, 12, 20)
+  assert p["embedding"]["kernel"].shape == (2 * 2 * 20, 32)  # (p/4)^2 blocks of 20 channels
+  with pytest.raises(ValueError, match="stem_channels"):
+    vit.ViTConfig(stem="conv", stem_channels=(8,))
+
+
 def test_palix_55b_builds_abstractly_with_valid_shardings():
   gin.parse_config_file(os.path.join(GIN_DIR, "palix_55b.gin"))
   model = pali.build_model()

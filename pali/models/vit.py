@@ -5,8 +5,8 @@ final LayerNorm, with no pooling and no class token (PaLI feeds every patch to t
 
 Stems:
 - 'patch': a Dense over each flattened p*p*3 patch (kernel logical ('patch', 'embed')).
-- 'conv': two 3x3 stride-2 convolutions (width/4 then width/2 channels, GELU), then a Dense
-  over each flattened (p/4)*(p/4)*(width/2) block. Both stems land on the same (H/p, W/p) grid,
+- 'conv': two 3x3 stride-2 convolutions (`stem_channels`, default width/4 then width/2
+  channels, GELU), then a Dense over each flattened (p/4)*(p/4)*channels block. Both stems land on the same (H/p, W/p) grid,
   so position tables and the rest of the model do not care which one is used. Needs p % 4 == 0.
 
 Position embeddings: 'learn' stores a (posemb_grid**2, width) table (logical ('posemb_len',
@@ -43,6 +43,7 @@ class ViTConfig:
   posemb: str = "learn"  # 'learn' | 'sincos2d'
   posemb_grid: int = 14
   stem: str = "patch"  # 'patch' | 'conv'
+  stem_channels: tuple = ()  # the conv stem's two widths; () = (width // 4, width // 2)
   parallel_block: bool = False
   qk_norm: bool = False
   use_bias: bool = True
@@ -59,6 +60,8 @@ class ViTConfig:
       raise ValueError(f"ViTConfig.posemb={self.posemb!r}: use 'learn' or 'sincos2d'.")
     if self.stem not in ("patch", "conv"):
       raise ValueError(f"ViTConfig.stem={self.stem!r}: use 'patch' or 'conv'.")
+    if self.stem_channels and len(self.stem_channels) != 2:
+      raise ValueError(f"ViTConfig.stem_channels={self.stem_channels}: give two widths (or ()).")
     if self.stem == "conv" and self.patch_size % 4:
       raise ValueError(f"ViTConfig.stem='conv' needs patch_size divisible by 4, got "
                        f"{self.patch_size}.")
@@ -157,7 +160,7 @@ class ViT(nn.Module):
                        "choose an image size that is a multiple of the patch size.")
     x = images.astype(dtype)
     if cfg.stem == "conv":
-      for i, feat in enumerate((cfg.width // 4, cfg.width // 2)):
+      for i, feat in enumerate(tuple(cfg.stem_channels) or (cfg.width // 4, cfg.width // 2)):
         x = nn.Conv(feat, (3, 3), strides=(2, 2), padding="SAME", use_bias=cfg.use_bias,
                     dtype=dtype, param_dtype=jnp.float32,
                     kernel_init=nn.with_logical_partitioning(
