@@ -41,6 +41,19 @@ def test_dense_matches_autodiff_in_float32(axis, x_shape, w_shape):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_custom_backward_off_gives_the_same_model_gradients():
+  # matmul.custom_backward = False leaves the backward to autodiff (faster on some CPUs).
+  model = trainer_fixtures.tiny_model()
+  batch = trainer_fixtures.random_batch(3)
+  params = jax.jit(lambda r: model.init(r, batch)["params"])(jax.random.key(0))
+  grads = []
+  for custom in (True, False):
+    gin.bind_parameter("matmul.custom_backward", custom)
+    grads.append(jax.jit(jax.grad(_loss_fn(model)))(params, batch))
+  for a, b in zip(jax.tree_util.tree_leaves(grads[0]), jax.tree_util.tree_leaves(grads[1])):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_mixed_matmuls_use_bfloat16_operands_and_float32_results():
   gin.bind_parameter("matmul.precision", "mixed")
   x, w = _rand(0, (4, 8, 16)), _rand(1, (16, 32))

@@ -28,12 +28,12 @@ PRECISIONS = ("default", "mixed")
 
 
 @gin.configurable("matmul")
-def _configured(precision: str = "default") -> str:
-  return precision
+def _configured(precision: str = "default", custom_backward: bool = True):
+  return precision, custom_backward
 
 
 def get_precision() -> str:
-  precision = _configured()
+  precision = _configured()[0]
   if precision not in PRECISIONS:
     raise ValueError(f"matmul.precision={precision!r} is not one of {PRECISIONS}; fix the gin "
                      "binding.")
@@ -67,6 +67,8 @@ def _transpose(x, perm):
   dimension carried through the transpose and reshaped away gives the copy a row-major layout;
   the barrier keeps later passes from folding it back into the dot.
   """
+  if not _configured()[1]:
+    return jnp.transpose(x, perm)
   n = x.ndim
   y = jnp.transpose(jnp.reshape(x, x.shape + (1,)), (perm[0], n) + tuple(perm[1:]))
   return jax.lax.optimization_barrier(jnp.reshape(y, tuple(x.shape[p] for p in perm)))
@@ -78,8 +80,14 @@ def _transposed(x):
   return _transpose(x, perm)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _matmul(a, b, b_transposed, op_dtype, out_dtype):
+  if _configured()[1]:
+    return _matmul_custom(a, b, b_transposed, op_dtype, out_dtype)
+  return _dot(a, b, op_dtype, b_transposed).astype(out_dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _matmul_custom(a, b, b_transposed, op_dtype, out_dtype):
   return _dot(a, b, op_dtype, b_transposed).astype(out_dtype)
 
 
@@ -102,7 +110,7 @@ def _matmul_bwd(b_transposed, op_dtype, out_dtype, res, g):
   return da.astype(a_kind.dtype), db.astype(b_kind.dtype)
 
 
-_matmul.defvjp(_matmul_fwd, _matmul_bwd)
+_matmul_custom.defvjp(_matmul_fwd, _matmul_bwd)
 
 
 def dense(x, kernel, axis: tuple[int, ...], dtype):
