@@ -38,6 +38,8 @@ def parse_args(argv=None):
   p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
   p.add_argument("--gin_bindings", action="append", default=[], help="extra gin bindings")
   p.add_argument("--no_tcmalloc", action="store_true", help="keep the default allocator")
+  p.add_argument("--profile", default=None, help="also trace 2 steps into this folder and "
+                 "print where the time goes by XLA op kind (bench/profile_summary.py)")
   p.add_argument("--json", default=None, help="write the results here")
   return p.parse_args(argv)
 
@@ -116,6 +118,15 @@ def run(args) -> dict:
     # for the work done when other jobs share the cores.
     cpu_per_step = ((cpu1.user + cpu1.system) - (cpu0.user + cpu0.system)) / (
         args.steps + args.warmup)
+    profile = None
+    if args.profile:
+      from bench import profile_summary
+      with jax.profiler.trace(args.profile, create_perfetto_trace=True):
+        for _ in range(2):
+          one_step()
+      with open(os.path.join(args.profile, "step.hlo.txt"), "w") as fh:
+        fh.write(compiled.as_text())  # names the ops of the trace (profile_summary.by_op)
+      profile = profile_summary.summarise(args.profile, steps=2)
 
   shapes = flops.BatchShapes.from_batch(host)
   step_flops = flops.train_step_flops(cfg, shapes)
@@ -137,6 +148,7 @@ def run(args) -> dict:
       "peak_matmul_dtype": matmul_dtype, "peak_gflop_per_s": peak / 1e9,
       "mfu": step_flops / med / peak, "loss_first": losses[0], "loss_last": losses[-1],
       "params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(state.params))),
+      **({"profile": profile} if profile else {}),
   }
 
 
@@ -153,6 +165,8 @@ def main(argv=None):
           "tokens_per_s", "achieved_gflop_per_s", "peak_gflop_per_s", "mfu",
           "load_average_after"]
   print(common.format_table([row], cols))
+  if row.get("profile"):
+    print(common.format_table(row["profile"], ["op", "ms_per_step", "share", "calls_per_step"]))
   print(f"machine: {machine['cpu_model']}, {machine['cpu_count']} cores, "
         f"LD_PRELOAD={machine['ld_preload'] or '-'}, XLA_FLAGS={machine['xla_flags'] or '-'}")
   common.write_json(args.json, {"benchmark": "train_step", "machine": machine, "results": [row]})
