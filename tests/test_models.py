@@ -189,6 +189,20 @@ def test_conv_stem_channels():
     vit.ViTConfig(stem="conv", stem_channels=(8,))
 
 
+def test_patch_norm_normalises_the_patch_embedding():
+  cfg = tiny_config(vit_kw=dict(patch_norm=True))
+  model = vit.ViT(cfg.vit)
+  images = jnp.asarray(np.random.default_rng(0).uniform(-0.05, 0.05, (2, 16, 16, 3)), jnp.float32)
+  params = model.init(jax.random.key(0), images)
+  p = nn.meta.unbox(params)["params"]
+  assert p["patch_norm_in"]["scale"].shape == (8 * 8 * 3,)
+  assert p["patch_norm_out"]["scale"].shape == (32,)
+  _, inter = model.apply(params, images, capture_intermediates=True, mutable=["intermediates"])
+  emb = inter["intermediates"]["patch_norm_out"]["__call__"][0]
+  # Faint images still give unit-scale patch embeddings (what the position embedding meets).
+  np.testing.assert_allclose(np.std(np.asarray(emb), axis=-1), 1.0, rtol=0.05)
+
+
 def test_palix_55b_builds_abstractly_with_valid_shardings():
   gin.parse_config_file(os.path.join(GIN_DIR, "palix_55b.gin"))
   model = pali.build_model()

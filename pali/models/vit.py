@@ -9,6 +9,10 @@ Stems:
   channels, GELU), then a Dense over each flattened (p/4)*(p/4)*channels block. Both stems land on the same (H/p, W/p) grid,
   so position tables and the rest of the model do not care which one is used. Needs p % 4 == 0.
 
+`patch_norm` (Dual PatchNorm, Kumar et al. 2023): a LayerNorm on each flattened patch (or conv
+stem block) and another on its embedding, so patch content enters at the same scale as the
+position embedding (without it, the conv stem's output is several times smaller).
+
 Position embeddings: 'learn' stores a (posemb_grid**2, width) table (logical ('posemb_len',
 'embed')) that is bilinearly resampled when the input grid differs; 'sincos2d' is fixed and
 computed for whatever grid comes in (no parameter).
@@ -44,6 +48,7 @@ class ViTConfig:
   posemb_grid: int = 14
   stem: str = "patch"  # 'patch' | 'conv'
   stem_channels: tuple = ()  # the conv stem's two widths; () = (width // 4, width // 2)
+  patch_norm: bool = False  # Dual PatchNorm: LayerNorm before and after the patch embedding
   parallel_block: bool = False
   qk_norm: bool = False
   use_bias: bool = True
@@ -171,8 +176,13 @@ class ViT(nn.Module):
       x = _patchify(x, p // 4)
     else:
       x = _patchify(x, p)
+    if cfg.patch_norm:
+      x = layers.LayerNorm(dtype=dtype, use_bias=cfg.use_bias, axis_name="patch",
+                           name="patch_norm_in")(x)
     x = layers.dense(cfg.width, ("patch", "embed"), use_bias=cfg.use_bias, dtype=dtype,
                      kernel_init=nn.initializers.lecun_normal(), name="embedding")(x)
+    if cfg.patch_norm:
+      x = layers.LayerNorm(dtype=dtype, use_bias=cfg.use_bias, name="patch_norm_out")(x)
     gh, gw = x.shape[1], x.shape[2]
     x = x.reshape(b, gh * gw, cfg.width)
 
