@@ -2,12 +2,17 @@
 "Learning"): what a tiny model can learn on a CPU in about 30 minutes.
 
 - `learn_shapes_detection`: detection on scenes of 1-3 shapes (the 1-4-shape scenes of
-  `synthetic_shapes_detection`, with at most 3 shapes).
+  `synthetic_shapes_detection`, with at most 3 shapes), objects in a random order;
+  `learn_shapes_detection_ordered`: the same with objects in pix2seq's 'dist2ori' order
+  (nearest the top-left corner first), which a small model learns many times sooner.
 - `learn_word_ocr`: OCR of one dictionary word (the 500 most frequent lowercase words of the
-  stdlib corpus), drawn large and centred.
+  stdlib corpus), drawn large and centred; `learn_word_ocr_spelled`: the same with one target
+  id per character (pali.data.preprocessors.spell_targets).
 - `learn_counting_vqa`: only the counting questions ("how many ... are there?") about the
   usual 1-4-shape scenes.
-- mixture `pali_synthetic_learn_v2`: those three and `synthetic_shapes_caption`.
+- mixtures `pali_synthetic_learn_v2` (random-order detection, word-piece OCR, counting,
+  captions: the earlier benchmark) and `pali_synthetic_learn_v3` (ordered detection, spelled
+  OCR, counting, captions: gin_configs/runs/learn_cpu.gin).
 """
 import functools
 
@@ -91,6 +96,10 @@ def render_word(dataset):
 
 add_task("learn_shapes_detection", synthetic.shapes_source("learn_shapes_detection"),
          [render_few_shapes, detection.detection, pp.prepare_images, *TAIL])
+add_task("learn_shapes_detection_ordered",
+         synthetic.shapes_source("learn_shapes_detection_ordered"),
+         [render_few_shapes, functools.partial(detection.detection, order="dist2ori"),
+          pp.prepare_images, *TAIL])
 add_task("learn_word_ocr", synthetic.text_image_source("learn_word_ocr"),
          [render_word, pp.ocr, pp.prepare_images, *TAIL])
 add_task("learn_word_ocr_spelled", synthetic.text_image_source("learn_word_ocr_spelled"),
@@ -105,3 +114,9 @@ LEARN_RATES = (
     ("synthetic_shapes_caption", 0.1),  # learnt quickly (CIDEr > 1 at 360 steps' worth)
 )
 add_mixture("pali_synthetic_learn_v2", LEARN_RATES)
+add_mixture("pali_synthetic_learn_v3", (
+    ("learn_shapes_detection_ordered", 0.5),  # still the slowest: half of every batch
+    ("learn_word_ocr_spelled", 0.25),
+    ("learn_counting_vqa", 0.15),
+    ("synthetic_shapes_caption", 0.1),
+))

@@ -48,18 +48,26 @@ def _batch(task, n=8):
   return [dec(x) for x in b["encoder_input_tokens"]], [dec(x) for x in b["decoder_target_tokens"]]
 
 
-@pytest.mark.parametrize("task", ["learn_shapes_detection", "learn_word_ocr",
-                                  "learn_counting_vqa", "pali_synthetic_learn_v2"])
+@pytest.mark.parametrize("task", ["learn_shapes_detection", "learn_shapes_detection_ordered",
+                                  "learn_word_ocr", "learn_word_ocr_spelled",
+                                  "learn_counting_vqa", "pali_synthetic_learn_v2",
+                                  "pali_synthetic_learn_v3"])
 def test_learning_task_batches(task):
   prompts, targets = _batch(task)
-  if task == "learn_shapes_detection":
+  if task.startswith("learn_shapes_detection"):
     assert all(p.startswith("detect ") for p in prompts)
     assert all(1 <= t.count("<loc") // 4 <= 3 and t.count("<loc") % 4 == 0 for t in targets)
     # Validation boxes are exact, not snapped to the 64 training levels.
     grid = {round(k * 1023 / 63) for k in range(64)}
     bins = [int(b) for t in targets for b in re.findall(r"<loc(\d{4})>", t)]
     assert any(b not in grid for b in bins)
-  elif task == "learn_word_ocr":
+    if task.endswith("_ordered"):  # dist2ori: the top-left corners get further from (0, 0)
+      for t in targets:
+        corners = [(int(y), int(x)) for y, x, _, _ in re.findall(
+            r"<loc(\d{4})><loc(\d{4})><loc(\d{4})><loc(\d{4})>", t)]
+        dist = [y * y + x * x for y, x in corners]
+        assert dist == sorted(dist), t
+  elif task.startswith("learn_word_ocr"):
     assert all(t in st.dictionary_words() for t in targets)
   elif task == "learn_counting_vqa":
     assert all("how many" in p for p in prompts) and all(t.isdigit() for t in targets)
