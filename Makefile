@@ -15,9 +15,21 @@ TORCH_VENV  := .venv-torch
 TORCH_STAMP := $(TORCH_VENV)/.installed-stamp
 BENCH_TORCH_ARGS ?=
 
-.PHONY: install train test clean bench-torch
+.PHONY: install train test clean bench-torch tcmalloc
+
+# tcmalloc keeps XLA's large per-step buffers instead of faulting them in again (BENCHMARKS.md);
+# the launcher preloads it when present. Installed only where that is possible without asking:
+# root on a Debian/Ubuntu machine with apt. Anything else (or NO_APT=1) skips it, never fails.
+TCMALLOC_LIB := /usr/lib/$(shell uname -m)-linux-gnu/libtcmalloc_minimal.so.4
+tcmalloc:
+	@if [ -e $(TCMALLOC_LIB) ] || [ -n "$(NO_APT)" ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  apt-get install -y -q libtcmalloc-minimal4 >/dev/null 2>&1 \
+	    && echo "installed libtcmalloc-minimal4" || echo "tcmalloc: apt-get failed, skipped"; \
+	else echo "tcmalloc: not installed (apt-get install libtcmalloc-minimal4 speeds up CPU runs)"; fi
 
 $(STAMP): pyproject.toml
+	-@$(MAKE) -s tcmalloc
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'

@@ -179,13 +179,15 @@ class Evaluator:
     rng = jax.random.PRNGKey(s.seed)
     gathered, images, sums, seen = [], [], None, 0
     t0 = time.time()
-    for local, positions in eval_input.eval_batches(
+    for step, (local, positions) in enumerate(eval_input.eval_batches(
         self._local_examples(task_name), host_batch=self.host_batch,
-        max_examples=s.max_eval_examples):
+        max_examples=s.max_eval_examples)):
       batch = partitioning.host_batch_to_global(dict(local, position=positions), self.mesh,
                                                 self.rules)
       position = batch.pop("position")  # sharded like the rows it numbers
-      tokens, scores = self._decode(params, {k: batch[k] for k in DECODE_FEATURES}, trie, rng)
+      # A fresh key per global batch: sampled decodes of different batches are independent.
+      tokens, scores = self._decode(params, {k: batch[k] for k in DECODE_FEATURES}, trie,
+                                    jax.random.fold_in(rng, step))
       batch_sums = jax.device_get(self._loss(params, batch))
       sums = batch_sums if sums is None else jax.tree_util.tree_map(np.add, sums, batch_sums)
       out = multihost_utils.process_allgather(
