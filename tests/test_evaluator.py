@@ -316,3 +316,31 @@ def test_partial_last_batch_is_scored_not_dropped(run, tmp_path):
     assert metrics["accuracy"] == pytest.approx(accuracy, rel=1e-5)
     assert float(_scalars(os.path.join(out, "eval", task_name))["num_examples"][2]) == n
   assert loss_of(13)[0] != pytest.approx(loss_of(16)[0], rel=1e-4)  # the loss tells sets apart
+
+
+def test_each_batch_decodes_with_its_own_key(run, tmp_path):
+  """Sampled decoding: the 3 batches of a 20-example split get 3 different keys (one key for
+  all would give every batch the same noise)."""
+  from pali import checkpoints, partitioning
+  from pali.evaluation import evaluator as ev
+  from pali.training import trainer
+  model_dir, _ = run
+  _parse(GIN_FILES, _run_bindings(model_dir))
+  task_name, lengths = eval_tasks.CAPTION_20, {"inputs": 16, "targets": 24}
+  mesh, rules = partitioning.create_mesh(), partitioning.logical_axis_rules()
+  model = trainer.model_for_image_size(32)
+  params = checkpoints.restore_params(os.path.join(model_dir, "checkpoints"), 2, ev.abstract_params(
+      model, mesh, rules, image_size=32, max_images=1, task_feature_lengths=lengths))
+  evaluator = ev.Evaluator(model, mesh=mesh, rules=rules, task_feature_lengths=lengths,
+                           image_size=32, settings=ev.EvalSettings(
+                               max_eval_examples=64, batch_size=8, num_images=0))
+  keys, decode = [], evaluator._decode
+
+  def recording_decode(params, batch, trie, rng):
+    keys.append(tuple(np.asarray(rng).ravel().tolist()))
+    return decode(params, batch, trie, rng)
+
+  evaluator._decode = recording_decode
+  evaluator.evaluate(params, mixture_or_task=task_name, step=2, model_dir=str(tmp_path))
+  evaluator.close()
+  assert len(keys) == 3 and len(set(keys)) == 3
