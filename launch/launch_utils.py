@@ -106,7 +106,7 @@ def maybe_initialize_distributed() -> None:
 
 
 _PROJECT_MODULES = ("pali.models.pali", "pali.training.trainer", "pali.partitioning",
-                    "pali.training.stages",
+                    "pali.training.stages", "pali.data.cache",  # @cached_dataset
                     "pali.training.optimizer", "pali.warm_start", "tasks")
 
 
