@@ -272,11 +272,8 @@ def _reference(model, params, task_name, lengths, image_size):
   return decode(batch["decoder_target_tokens"]), decode(tokens), np.asarray(scores), loss_of
 
 
-def test_partial_last_batch_is_scored_not_dropped(run, tmp_path):
-  """20 examples, batches of 8: 8 + 8 + 4 real rows (and 4 padding) -> all 20 scored, with the
-  metrics of the same 20 examples decoded as one unpadded batch; a budget of 13 scores 13."""
-  import seqio
-
+def _restored_caption_model(run):
+  """The fixture run's step-2 model and params, for the 20-example caption task at 32 px."""
   from pali import checkpoints, partitioning
   from pali.evaluation import evaluator as ev
   from pali.training import trainer
@@ -287,6 +284,16 @@ def test_partial_last_batch_is_scored_not_dropped(run, tmp_path):
   model = trainer.model_for_image_size(32)
   params = checkpoints.restore_params(os.path.join(model_dir, "checkpoints"), 2, ev.abstract_params(
       model, mesh, rules, image_size=32, max_images=1, task_feature_lengths=lengths))
+  return model, mesh, rules, params, task_name, lengths
+
+
+def test_partial_last_batch_is_scored_not_dropped(run, tmp_path):
+  """20 examples, batches of 8: 8 + 8 + 4 real rows (and 4 padding) -> all 20 scored, with the
+  metrics of the same 20 examples decoded as one unpadded batch; a budget of 13 scores 13."""
+  import seqio
+
+  from pali.evaluation import evaluator as ev
+  model, mesh, rules, params, task_name, lengths = _restored_caption_model(run)
   targets, predictions, scores, loss_of = _reference(model, params, task_name, lengths, 32)
   scorer = task_metrics.for_task(task_name, seqio.get_mixture_or_task(task_name))
 
@@ -321,16 +328,8 @@ def test_partial_last_batch_is_scored_not_dropped(run, tmp_path):
 def test_each_batch_decodes_with_its_own_key(run, tmp_path):
   """Sampled decoding: the 3 batches of a 20-example split get 3 different keys (one key for
   all would give every batch the same noise)."""
-  from pali import checkpoints, partitioning
   from pali.evaluation import evaluator as ev
-  from pali.training import trainer
-  model_dir, _ = run
-  _parse(GIN_FILES, _run_bindings(model_dir))
-  task_name, lengths = eval_tasks.CAPTION_20, {"inputs": 16, "targets": 24}
-  mesh, rules = partitioning.create_mesh(), partitioning.logical_axis_rules()
-  model = trainer.model_for_image_size(32)
-  params = checkpoints.restore_params(os.path.join(model_dir, "checkpoints"), 2, ev.abstract_params(
-      model, mesh, rules, image_size=32, max_images=1, task_feature_lengths=lengths))
+  model, mesh, rules, params, task_name, lengths = _restored_caption_model(run)
   evaluator = ev.Evaluator(model, mesh=mesh, rules=rules, task_feature_lengths=lengths,
                            image_size=32, settings=ev.EvalSettings(
                                max_eval_examples=64, batch_size=8, num_images=0))
