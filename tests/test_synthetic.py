@@ -1,4 +1,7 @@
 """The embedded synthetic datasets: deterministic, consistent labels, disjoint splits."""
+import os
+import threading
+
 import numpy as np
 
 from pali.data import synthetic_scenes as sc
@@ -65,3 +68,27 @@ def test_text_corpus_and_rendered_text():
 def test_clean_text():
   raw = "Title\t here  now\n\n\n\n+----+----+\n|  a   |  b   |   c  |\nBody\x07 text.   \n"
   assert st.clean_text(raw) == "Title here now\n\nBody text."
+
+
+def test_text_corpus_built_from_many_threads(tmp_path, monkeypatch):
+  """tf.data renders in many threads; on a fresh machine (no corpus cache) they all ask for the
+  corpus at once, and concurrent ast.parse calls crash CPython 3.11: one builds, all get it."""
+  monkeypatch.setenv("PALI_CACHE_DIR", str(tmp_path))
+  st._stdlib_corpus.cache_clear()
+  results, errors = [], []
+
+  def ask():
+    try:
+      results.append(st.stdlib_corpus())
+    except Exception as e:  # noqa: BLE001 - the test reports any failure of any thread
+      errors.append(e)
+
+  threads = [threading.Thread(target=ask) for _ in range(8)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  st._stdlib_corpus.cache_clear()  # later tests read the usual cache again
+  assert not errors, errors
+  assert len(results) == 8 and all(r is results[0] for r in results)
+  assert len(results[0]["train"]) > 200 and os.listdir(tmp_path)

@@ -115,9 +115,20 @@ def _build_corpus() -> Dict[str, List[str]]:
   return out
 
 
-@functools.lru_cache(maxsize=None)
+# tf.data runs the renderers in many threads at once, and CPython 3.11's ast.parse is not
+# thread-safe ("AST constructor recursion depth mismatch"): the corpus is built by one thread.
+_CORPUS_LOCK = threading.Lock()
+
+
 def stdlib_corpus() -> Dict[str, List[str]]:
-  """{'train': [doc, ...], 'validation': [doc, ...]}, deterministic for a Python version."""
+  """{'train': [doc, ...], 'validation': [doc, ...]}, deterministic for a Python version;
+  safe to call from many threads (the first builds it, the others wait)."""
+  with _CORPUS_LOCK:
+    return _stdlib_corpus()
+
+
+@functools.lru_cache(maxsize=None)
+def _stdlib_corpus() -> Dict[str, List[str]]:
   path = _cache_path()
   try:
     with open(path, encoding="utf-8") as f:
