@@ -1,6 +1,7 @@
 """The learning-benchmark task variants (tasks/learning.py): scenes of 1-3 shapes, single
 large dictionary words, counting questions only; their batches have the model's features."""
 import re
+import string
 
 import numpy as np
 import pytest
@@ -37,6 +38,18 @@ def test_word_examples_are_single_dictionary_words_and_disjoint_splits():
     assert e["image"].shape == (64, 64, 3) and e["image"].std() > 5  # the word is drawn
 
 
+def test_letter_examples_are_single_letters_larger_than_words():
+  letters = [st.letter_spec("train", i) for i in range(200)]
+  assert {s["lines"][0] for s in letters} == set(string.ascii_lowercase)
+  assert min(s["font_frac"] for s in letters) >= 0.3 > max(
+      st.word_spec("train", i)["font_frac"] for i in range(50))
+  key = lambda s: repr((s["lines"], s["font_frac"], s["bg"], s["x"], s["y"]))
+  assert not {key(s) for s in letters} & {key(st.letter_spec("validation", i))
+                                          for i in range(100)}
+  e = st.letter_example("validation", 3, 64)
+  assert len(e["text"]) == 1 and e["image"].shape == (64, 64, 3) and e["image"].std() > 5
+
+
 def _batch(task, n=8):
   ds = pipeline.get_dataset(task, split="validation", batch_size=n, image_size=32, shuffle=False,
                             task_feature_lengths={"inputs": 24, "targets": 32})
@@ -49,7 +62,7 @@ def _batch(task, n=8):
 
 
 @pytest.mark.parametrize("task", ["learn_shapes_detection", "learn_shapes_detection_ordered",
-                                  "learn_word_ocr", "learn_word_ocr_spelled",
+                                  "learn_word_ocr", "learn_word_ocr_spelled", "learn_letter_ocr",
                                   "learn_counting_vqa", "pali_synthetic_learn_v2",
                                   "pali_synthetic_learn_v3"])
 def test_learning_task_batches(task):
@@ -69,6 +82,8 @@ def test_learning_task_batches(task):
         assert dist == sorted(dist), t
   elif task.startswith("learn_word_ocr"):
     assert all(t in st.dictionary_words() for t in targets)
+  elif task == "learn_letter_ocr":
+    assert all(len(t) == 1 and t in string.ascii_lowercase for t in targets)
   elif task == "learn_counting_vqa":
     assert all("how many" in p for p in prompts) and all(t.isdigit() for t in targets)
 

@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import re
+import string
 import sys
 import sysconfig
 import threading
@@ -261,6 +262,7 @@ def text_example(split: str, index: int, size: int) -> Dict:
 
 # ---- single dictionary words (the learning benchmark's OCR) --------------------------------
 _WORD_SEED = 7340047
+_LETTER_SEED = 7340053
 _DICT_RE = re.compile(r"^[a-z]{2,7}$")
 
 
@@ -276,15 +278,15 @@ def dictionary_words(num_words: int = 500) -> List[str]:
   return sorted(counts, key=lambda w: (-counts[w], w))[:num_words]
 
 
-def word_spec(split: str, index: int, num_words: int = 500) -> Dict:
-  """One dictionary word, drawn large (font 0.2-0.28 of the image; shrunk to fit), roughly
+def _single_word_spec(split: str, index: int, words: List[str], font_frac: tuple,
+                      seed: int) -> Dict:
+  """One of `words`, drawn large (font `font_frac` of the image; shrunk to fit), roughly
   centred, upright, on a plain background with light noise. Same spec format as text_spec
   (render with render_text); the split is chosen by a hash of word and layout."""
-  rng = np.random.default_rng([_WORD_SEED, SPLIT_IDS[split], int(index)])
-  words = dictionary_words(num_words)
+  rng = np.random.default_rng([seed, SPLIT_IDS[split], int(index)])
   while True:
     spec = {"lines": [words[int(rng.integers(len(words)))]],
-            "font_frac": float(rng.uniform(0.2, 0.28)),
+            "font_frac": float(rng.uniform(*font_frac)),
             "bg": [int(v) for v in rng.integers(0, 256, size=3)],
             "fg_dark": bool(rng.integers(2)), "fg_tint": [int(v) for v in rng.integers(0, 60, 3)],
             "x": float(rng.uniform(0.35, 0.65)), "y": float(rng.uniform(0.35, 0.65)),
@@ -295,6 +297,23 @@ def word_spec(split: str, index: int, num_words: int = 500) -> Dict:
     h = int(hashlib.sha1(key.encode()).hexdigest()[:8], 16)
     if ("validation" if h % 100 < VALIDATION_PERCENT else "train") == split:
       return spec
+
+
+def word_spec(split: str, index: int, num_words: int = 500) -> Dict:
+  """One dictionary word (font 0.2-0.28 of the image), see _single_word_spec."""
+  return _single_word_spec(split, index, dictionary_words(num_words), (0.2, 0.28), _WORD_SEED)
+
+
+def letter_spec(split: str, index: int) -> Dict:
+  """One lowercase letter, larger (font 0.3-0.45 of the image): the first step of an OCR
+  curriculum, and a probe of whether a model sees glyphs at all."""
+  return _single_word_spec(split, index, list(string.ascii_lowercase), (0.3, 0.45),
+                           _LETTER_SEED)
+
+
+def letter_example(split: str, index: int, size: int) -> Dict:
+  image, text = render_text(letter_spec(split, index), size)
+  return {"image": image, "text": text}
 
 
 def word_example(split: str, index: int, size: int, num_words: int = 500) -> Dict:
