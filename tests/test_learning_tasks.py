@@ -64,7 +64,7 @@ def _batch(task, n=8):
 @pytest.mark.parametrize("task", ["learn_shapes_detection", "learn_shapes_detection_ordered",
                                   "learn_word_ocr", "learn_word_ocr_spelled", "learn_letter_ocr",
                                   "learn_counting_vqa", "pali_synthetic_learn_v2",
-                                  "pali_synthetic_learn_v3"])
+                                  "pali_synthetic_learn_v3", "pali_synthetic_learn_v4"])
 def test_learning_task_batches(task):
   prompts, targets = _batch(task)
   if task.startswith("learn_shapes_detection"):
