@@ -165,7 +165,7 @@ def _check_partitioned(boxed_params, scanned_prefixes=()):
 
 @pytest.mark.parametrize("scan", [False, True])
 def test_every_param_has_logical_axes(scan):
-  cfg = tiny_config(vit_kw=dict(scan=scan, stem="conv"), t5_kw=dict(scan=scan))
+  cfg = tiny_config(vit_kw=dict(scan=scan, stem="conv", center_input=True), t5_kw=dict(scan=scan))
   model = pali.build_model(cfg)
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), random_batch(0)))
   leaves = _check_partitioned(shapes["params"])
@@ -175,6 +175,7 @@ def test_every_param_has_logical_axes(scan):
   assert names["['decoder']['logits_dense']['kernel']"] == ("embed", "vocab")
   assert names["['encoder']['relpos_bias']['rel_embedding']"] == ("heads", "relpos_buckets")
   assert names["['vit']['embedding']['kernel']"] == ("patch", "embed")
+  assert names["['vit']['mean_colour']['kernel']"] == (None, "embed")
 
 
 def test_conv_stem_channels():
@@ -201,6 +202,52 @@ def test_patch_norm_normalises_the_patch_embedding():
   emb = inter["intermediates"]["patch_norm_out"]["__call__"][0]
   # Faint images still give unit-scale patch embeddings (what the position embedding meets).
   np.testing.assert_allclose(np.std(np.asarray(emb), axis=-1), 1.0, rtol=0.05)
+
+
+@pytest.mark.parametrize("stem", ["patch", "conv"])
+def test_center_input_sees_colour_only_through_mean_colour(stem):
+  cfg = tiny_config(vit_kw=dict(center_input=True, stem=stem))
+  model = vit.ViT(cfg.vit)
+  images = jnp.asarray(np.random.default_rng(0).uniform(-0.5, 0.5, (2, 16, 16, 3)), jnp.float32)
+  shifted = images + jnp.array([0.3, -0.2, 0.1])  # another background colour, same content
+  params = model.init(jax.random.key(0), images)
+  # At initialisation (mean_colour is zero) only the content relative to the mean counts...
+  np.testing.assert_allclose(model.apply(params, shifted), model.apply(params, images),
+                             atol=ATOL)
+  # ...and the mean colour is still there for the model to learn from.
+  p = nn.meta.unbox(params)
+  kernel = p["params"]["mean_colour"]["kernel"]
+  p["params"]["mean_colour"]["kernel"] = jax.random.normal(jax.random.key(1), kernel.shape)
+  assert np.abs(np.asarray(model.apply(p, shifted) - model.apply(p, images))).max() > 1e-2
+
+
+def test_sincos_loc_init_starts_neighbouring_bins_alike():
+  base = tiny_config()
+  cfg = dataclasses.replace(base, loc_init="sincos", first_loc_id=10, num_loc_tokens=32)
+  params = nn.meta.unbox(pali.build_model(cfg).init(jax.random.key(0), random_batch(0)))
+  emb = np.asarray(params["params"]["token_embedder"]["embedding"])
+  logits = np.asarray(params["params"]["decoder"]["logits_dense"]["kernel"])  # (embed, vocab)
+  code = np.asarray(pali.loc_code(32, 32))
+  np.testing.assert_allclose(emb[10:42], code, atol=1e-6)
+  np.testing.assert_allclose(logits[:, 10:42], code.T / np.sqrt(32), atol=1e-6)
+  np.testing.assert_allclose(np.sqrt(np.mean(code ** 2)), 1.0, rtol=1e-6)  # the table's scale
+  cos = lambda a, b: a @ b / np.linalg.norm(a) / np.linalg.norm(b)  # noqa: E731
+  near, mid, far = (cos(emb[20], emb[20 + d]) for d in (1, 4, 20))
+  assert near > 0.9 and near > mid > far and far < 0.7
+  # The other rows keep the random initialisation.
+  assert abs(np.std(emb[:10]) - 1.0) < 0.3 and not np.allclose(emb[42:], 0)
+
+
+def test_sincos_loc_init_takes_the_vocabulary_layout():
+  from pali.data import vocabulary
+  vocab = vocabulary.get_vocabulary()
+  cfg = dataclasses.replace(tiny_config(t5_kw=dict(vocab_size=vocab.vocab_size)),
+                            loc_init="sincos")
+  assert pali.build_model(cfg).config.first_loc_id == vocab.first_loc_id
+  with pytest.raises(ValueError, match="first_loc_id"):
+    dataclasses.replace(tiny_config(), loc_init="sincos", first_loc_id=40)  # 40 + 1024 > 50
+  with pytest.raises(ValueError, match="loc_init"):
+    dataclasses.replace(tiny_config(), loc_init="learned")
 
 
 def test_palix_55b_builds_abstractly_with_valid_shardings():

@@ -9,6 +9,11 @@ cross-attention over the encoder output under the same mask.
 Parameters: `vit`, `img_proj`, `token_embedder` (shared by encoder and decoder inputs, as in
 T5.1.1), `encoder`, `decoder` (with its untied `logits_dense`).
 
+`PaliConfig.loc_init = 'sincos'` starts the `<loc>` rows of `token_embedder` and the `<loc>`
+columns of the decoder's `logits_dense` as a 1-D sin-cos code of the bin (unit RMS, times the
+random part's scale), so that neighbouring bins start alike and what is learnt for one bin
+carries to its neighbours.
+
 `img_proj` kernel logical axes are ('vit_embed', 'embed'): the ViT width and d_model are
 different dimensions, and naming both 'embed' is not allowed (one logical name per array).
 `vit_embed` is in pali/partitioning.py's table; flax gives each mesh axis to one dimension, so
@@ -31,7 +36,7 @@ import numpy as np
 
 from pali.models import layers
 from pali.models.t5 import Decoder, Encoder, T5Config
-from pali.models.vit import ViT, ViTConfig
+from pali.models.vit import ViT, ViTConfig, sincos_1d
 
 Array = jax.Array
 
@@ -43,6 +48,38 @@ class PaliConfig:
   vit: ViTConfig = dataclasses.field(default_factory=ViTConfig)
   t5: T5Config = dataclasses.field(default_factory=T5Config)
   dtype: str = "float32"
+  loc_init: str = "random"  # 'random' | 'sincos'
+  first_loc_id: int = -1  # id of <loc0000>; -1: build_model takes it from the vocabulary
+  num_loc_tokens: int = 1024
+
+  def __post_init__(self):
+    if self.loc_init not in ("random", "sincos"):
+      raise ValueError(f"PaliConfig.loc_init={self.loc_init!r}: use 'random' or 'sincos'.")
+    if self.loc_init == "sincos" and self.first_loc_id >= 0 and (
+        self.first_loc_id + self.num_loc_tokens > self.t5.vocab_size):
+      raise ValueError(f"PaliConfig.loc_init='sincos' needs first_loc_id (the id of <loc0000>) "
+                       f"with all {self.num_loc_tokens} <loc> ids below vocab_size "
+                       f"{self.t5.vocab_size}; got first_loc_id={self.first_loc_id}.")
+    if self.loc_init == "sincos" and self.t5.d_model % 2:
+      raise ValueError(f"PaliConfig.loc_init='sincos' needs an even d_model, got "
+                       f"{self.t5.d_model}.")
+
+
+def loc_code(n: int, width: int) -> Array:
+  """[n, width] sin-cos code of bins 0..n-1 at unit RMS (width even)."""
+  return sincos_1d(jnp.arange(n), width) * jnp.sqrt(2.0)
+
+
+def _with_loc_rows(init, first: int, count: int, scale: float, rows_axis: int):
+  """`init` of a 2-D table, with the slices first..first+count-1 along `rows_axis` replaced by
+  `scale` times a sin-cos code of their index."""
+  def fn(key, shape, dtype=jnp.float32):
+    table = init(key, shape, dtype)
+    code = (loc_code(count, shape[1 - rows_axis]) * scale).astype(dtype)
+    if rows_axis == 0:
+      return table.at[first:first + count].set(code)
+    return table.at[:, first:first + count].set(code.T)
+  return fn
 
 
 class PaliModel(nn.Module):
@@ -54,9 +91,19 @@ class PaliModel(nn.Module):
     self.vit = ViT(cfg.vit)
     self.img_proj = layers.dense(cfg.t5.d_model, ("vit_embed", "embed"), use_bias=True,
                                  dtype=dtype)
-    self.token_embedder = layers.Embed(cfg.t5.vocab_size, cfg.t5.d_model, dtype=dtype)
+    embed_init, logits_init = layers.default_embed_init, layers.default_kernel_init
+    if cfg.loc_init == "sincos":
+      if cfg.first_loc_id < 0:
+        raise ValueError("PaliConfig.loc_init='sincos' needs first_loc_id (build_model sets it "
+                         "from the project's vocabulary).")
+      span = (cfg.first_loc_id, cfg.num_loc_tokens)
+      # The scales of the random parts: unit rows; fan-in columns of the (embed, vocab) kernel.
+      embed_init = _with_loc_rows(embed_init, *span, 1.0, rows_axis=0)
+      logits_init = _with_loc_rows(logits_init, *span, cfg.t5.d_model ** -0.5, rows_axis=1)
+    self.token_embedder = layers.Embed(cfg.t5.vocab_size, cfg.t5.d_model, dtype=dtype,
+                                       embedding_init=embed_init)
     self.encoder = Encoder(cfg.t5)
-    self.decoder = Decoder(cfg.t5)
+    self.decoder = Decoder(cfg.t5, logits_init=logits_init)
 
   def encode(self, images: Array, image_mask: Array, encoder_input_tokens: Array, *,
              train: bool = False) -> tuple[Array, Array]:
@@ -99,8 +146,14 @@ class PaliModel(nn.Module):
 
 @gin.configurable
 def build_model(config: PaliConfig | None = None) -> PaliModel:
-  """The model for `config` (gin: `build_model.config = @PaliConfig()`, or bind the fields)."""
-  return PaliModel(config if config is not None else PaliConfig())
+  """The model for `config` (gin: `build_model.config = @PaliConfig()`, or bind the fields).
+  With `loc_init='sincos'` and no `first_loc_id`, the id of `<loc0000>` comes from the
+  project's vocabulary (pali.data.vocabulary)."""
+  config = config if config is not None else PaliConfig()
+  if config.loc_init == "sincos" and config.first_loc_id < 0:
+    from pali.data import vocabulary  # the one place that knows the id layout
+    config = dataclasses.replace(config, first_loc_id=vocabulary.get_vocabulary().first_loc_id)
+  return PaliModel(config)
 
 
 def num_image_tokens(config: PaliConfig, image_size) -> int:

@@ -146,6 +146,7 @@ class Decoder(nn.Module):
   Params: `relpos_bias`, `layers[_i]`, `decoder_norm`, `logits_dense`.
   """
   config: T5Config
+  logits_init: layers.Initializer = layers.default_kernel_init
 
   @nn.compact
   def __call__(self, y: Array, encoded: Array, encoder_mask: Array, *, train: bool = False,
@@ -183,5 +184,5 @@ class Decoder(nn.Module):
     y = drop(y, deterministic=not train)
     # float32 logits projection (as t5x): the softmax over a large vocabulary needs the range.
     logits = layers.dense(cfg.vocab_size, ("embed", "vocab"), dtype=jnp.float32,
-                          name="logits_dense")(y)
+                          kernel_init=self.logits_init, name="logits_dense")(y)
     return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
