@@ -61,11 +61,14 @@ def vit_forward_flops(vit, num_images: int, hw: tuple[int, int]) -> dict[str, fl
   n = (h // p) * (w // p)  # patches per image
   d = vit.width
   if vit.stem == "conv":
-    # 3x3 stride-2 SAME convolutions: 3 -> d/4 at h/2, d/4 -> d/2 at h/4, then a Dense over
-    # (p/4)^2 * d/2 features per patch.
-    stem = (_mm((h // 2) * (w // 2), 9 * 3, d // 4)
-            + _mm((h // 4) * (w // 4), 9 * (d // 4), d // 2)
-            + _mm(n, (p // 4) ** 2 * (d // 2), d))
+    # 3x3 stride-2 SAME convolutions, each halving the map, then a Dense over the
+    # (p/2^k)^2 * channels features of each patch.
+    stem, c_in, scale = 0.0, 3, 1
+    for c_out in vit.conv_stem_channels:
+      scale *= 2
+      stem += _mm((h // scale) * (w // scale), 9 * c_in, c_out)
+      c_in = c_out
+    stem += _mm(n, (p // scale) ** 2 * c_in, d)
   else:
     stem = _mm(n, p * p * 3, d)
   attn_proj = 4 * _mm(n, d, d)  # q, k, v, out (heads * head_dim == width)

@@ -15,11 +15,11 @@ from pali.training.train_state import TrainState
 SHAPES = flops.BatchShapes(batch=2, image_size=32, max_images=1, input_len=16, target_len=16)
 
 
-def _config(stem="patch"):
+def _config(stem="patch", stem_channels=()):
   # Big enough that matmuls dominate the elementwise work XLA also counts.
   return pali_model.PaliConfig(
       vit=ViTConfig(patch_size=8, width=128, depth=2, mlp_dim=512, num_heads=4, posemb="learn",
-                    posemb_grid=4, stem=stem),
+                    posemb_grid=4, stem=stem, stem_channels=stem_channels),
       t5=T5Config(vocab_size=512, d_model=128, num_heads=4, head_dim=32, d_ff=256,
                   num_encoder_layers=2, num_decoder_layers=2))
 
@@ -30,8 +30,8 @@ def _xla_flops(fn, *args) -> float:
   return float(cost["flops"])
 
 
-def _setup(stem="patch"):
-  cfg = _config(stem)
+def _setup(stem="patch", stem_channels=()):
+  cfg = _config(stem, stem_channels)
   model = pali_model.build_model(cfg)
   batch = pali_model.dummy_batch(SHAPES.batch, SHAPES.image_size, SHAPES.max_images,
                                  SHAPES.input_len, SHAPES.target_len)
@@ -40,9 +40,10 @@ def _setup(stem="patch"):
   return cfg, model, batch, params
 
 
-@pytest.mark.parametrize("stem", ["patch", "conv"])
-def test_forward_flops_match_xla(stem):
-  cfg, model, batch, params = _setup(stem)
+@pytest.mark.parametrize("stem,stem_channels", [("patch", ()), ("conv", ()),
+                                                ("conv", (32, 64, 128))])
+def test_forward_flops_match_xla(stem, stem_channels):
+  cfg, model, batch, params = _setup(stem, stem_channels)
   xla = _xla_flops(lambda p, b: model.apply({"params": p}, b), params, batch)
   ours = flops.forward_total(cfg, SHAPES)
   assert ours == pytest.approx(xla, rel=0.10), (ours, xla)

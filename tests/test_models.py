@@ -186,8 +186,16 @@ def test_conv_stem_channels():
   assert p["stem_conv_0"]["kernel"].shape == (3, 3, 3, 12)
   assert p["stem_conv_1"]["kernel"].shape == (3, 3, 12, 20)
   assert p["embedding"]["kernel"].shape == (2 * 2 * 20, 32)  # (p/4)^2 blocks of 20 channels
-  with pytest.raises(ValueError, match="stem_channels"):
-    vit.ViTConfig(stem="conv", stem_channels=(8,))
+  three = vit.ViTConfig(**{**dataclasses.asdict(cfg.vit), "stem_channels": (8, 12, 16)})
+  images = jnp.zeros((2, 16, 16, 3), jnp.float32)
+  params = jax.eval_shape(lambda: vit.ViT(three).init(jax.random.key(0), images))
+  p = nn.meta.unbox(params)["params"]
+  assert p["stem_conv_2"]["kernel"].shape == (3, 3, 12, 16)
+  assert p["embedding"]["kernel"].shape == (1 * 1 * 16, 32)  # three halvings of an 8-px patch
+  out = jax.eval_shape(lambda v: vit.ViT(three).apply(v, images), params)
+  assert out.shape == (2, 2 * 2, 32)  # the patch stem's (16/8)^2 token grid
+  with pytest.raises(ValueError, match="divisible by 16"):
+    vit.ViTConfig(stem="conv", patch_size=8, stem_channels=(8, 8, 8, 8))
 
 
 def test_patch_norm_normalises_the_patch_embedding():

@@ -5,9 +5,10 @@ final LayerNorm, with no pooling and no class token (PaLI feeds every patch to t
 
 Stems:
 - 'patch': a Dense over each flattened p*p*3 patch (kernel logical ('patch', 'embed')).
-- 'conv': two 3x3 stride-2 convolutions (`stem_channels`, default width/4 then width/2
-  channels, GELU), then a Dense over each flattened (p/4)*(p/4)*channels block. Both stems land on the same (H/p, W/p) grid,
-  so position tables and the rest of the model do not care which one is used. Needs p % 4 == 0.
+- 'conv': one 3x3 stride-2 convolution (GELU) per entry of `stem_channels` (default
+  (width/4, width/2)), then a Dense over each flattened (p/2^k)*(p/2^k)*channels block for k
+  convolutions. Both stems land on the same (H/p, W/p) grid, so position tables and the rest
+  of the model do not care which one is used. Needs p % 2^k == 0.
 
 `patch_norm` (Dual PatchNorm, Kumar et al. 2023): a LayerNorm on each flattened patch (or conv
 stem block) and another on its embedding, so patch content enters at the same scale as the
@@ -54,7 +55,7 @@ class ViTConfig:
   posemb: str = "learn"  # 'learn' | 'sincos2d'
   posemb_grid: int = 14
   stem: str = "patch"  # 'patch' | 'conv'
-  stem_channels: tuple = ()  # the conv stem's two widths; () = (width // 4, width // 2)
+  stem_channels: tuple = ()  # one width per stride-2 conv; () = (width // 4, width // 2)
   patch_norm: bool = False  # Dual PatchNorm: LayerNorm before and after the patch embedding
   center_input: bool = False  # subtract each image's mean colour; add it back per token
   parallel_block: bool = False
@@ -73,11 +74,16 @@ class ViTConfig:
       raise ValueError(f"ViTConfig.posemb={self.posemb!r}: use 'learn' or 'sincos2d'.")
     if self.stem not in ("patch", "conv"):
       raise ValueError(f"ViTConfig.stem={self.stem!r}: use 'patch' or 'conv'.")
-    if self.stem_channels and len(self.stem_channels) != 2:
-      raise ValueError(f"ViTConfig.stem_channels={self.stem_channels}: give two widths (or ()).")
-    if self.stem == "conv" and self.patch_size % 4:
-      raise ValueError(f"ViTConfig.stem='conv' needs patch_size divisible by 4, got "
-                       f"{self.patch_size}.")
+    if self.stem == "conv" and self.patch_size % (2 ** len(self.conv_stem_channels)):
+      raise ValueError(
+          f"ViTConfig.stem='conv' with {len(self.conv_stem_channels)} stride-2 convolutions "
+          f"(stem_channels={self.conv_stem_channels}) needs patch_size divisible by "
+          f"{2 ** len(self.conv_stem_channels)}, got {self.patch_size}.")
+
+  @property
+  def conv_stem_channels(self) -> tuple[int, ...]:
+    """The conv stem's widths, one per stride-2 convolution."""
+    return tuple(self.stem_channels) or (self.width // 4, self.width // 2)
 
   @property
   def head_dim(self) -> int:
@@ -166,7 +172,7 @@ class ViTBlock(nn.Module):
 
 
 class ViT(nn.Module):
-  """Params: `embedding` (+ `stem_conv_0/1`, `mean_colour`), `pos_embedding`, `layers[_i]`, `encoder_norm`."""
+  """Params: `embedding` (+ `stem_conv_<i>`, `mean_colour`), `pos_embedding`, `layers[_i]`, `encoder_norm`."""
   config: ViTConfig
 
   @nn.compact
@@ -183,7 +189,7 @@ class ViT(nn.Module):
       mean_colour = jnp.mean(x.astype(jnp.float32), axis=(1, 2), keepdims=True)
       x = x - mean_colour.astype(dtype)
     if cfg.stem == "conv":
-      for i, feat in enumerate(tuple(cfg.stem_channels) or (cfg.width // 4, cfg.width // 2)):
+      for i, feat in enumerate(cfg.conv_stem_channels):
         x = nn.Conv(feat, (3, 3), strides=(2, 2), padding="SAME", use_bias=cfg.use_bias,
                     dtype=dtype, param_dtype=jnp.float32,
                     kernel_init=nn.with_logical_partitioning(
@@ -191,7 +197,7 @@ class ViT(nn.Module):
                     bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None,)),
                     name=f"stem_conv_{i}")(x)
         x = nn.gelu(x)
-      x = _patchify(x, p // 4)
+      x = _patchify(x, p // 2 ** len(cfg.conv_stem_channels))
     else:
       x = _patchify(x, p)
     if cfg.patch_norm:
