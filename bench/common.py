@@ -34,6 +34,24 @@ def cpu_model_name() -> str:
   return platform.processor() or "unknown"
 
 
+_MATMUL_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+
+
+def cpu_matmul_flags() -> list[str]:
+  """Which of the CPU features that decide matmul speed this CPU has (from /proc/cpuinfo):
+  AVX2, AVX-512, AVX-512 BF16, AMX BF16. Figures from machines with other flags differ by
+  several times (BENCHMARKS.md)."""
+  try:
+    with open("/proc/cpuinfo") as fh:
+      for line in fh:
+        if line.startswith("flags"):
+          have = set(line.split(":", 1)[1].split())
+          return [f for f in _MATMUL_FLAGS if f in have]
+  except OSError:
+    pass
+  return []
+
+
 def load_average() -> tuple[float, float, float]:
   try:
     return tuple(round(x, 2) for x in os.getloadavg())
@@ -48,6 +66,7 @@ def machine_info() -> dict[str, Any]:
   return {
       "cpu_model": cpu_model_name(),
       "cpu_count": os.cpu_count(),
+      "cpu_matmul_flags": cpu_matmul_flags(),
       "load_average_1_5_15min": load_average(),
       "platform": dev.platform,
       "device_kind": dev.device_kind,

@@ -233,6 +233,7 @@ def run(args) -> tuple[dict, dict]:
   }
   machine = {
       "cpu_model": common.cpu_model_name(), "cpu_count": os.cpu_count(),
+      "cpu_matmul_flags": common.cpu_matmul_flags(),
       "load_average_1_5_15min": common.load_average(),
       "torch_version": torch.__version__, "transformers_version": transformers.__version__,
       "torch_num_threads": torch.get_num_threads(),

@@ -167,8 +167,8 @@ def main(argv=None):
   print(common.format_table([row], cols))
   if row.get("profile"):
     print(common.format_table(row["profile"], ["op", "ms_per_step", "share", "calls_per_step"]))
-  print(f"machine: {machine['cpu_model']}, {machine['cpu_count']} cores, "
-        f"LD_PRELOAD={machine['ld_preload'] or '-'}, XLA_FLAGS={machine['xla_flags'] or '-'}")
+  print(f"machine: {machine['cpu_model']}, {machine['cpu_count']} cores "
+        f"({', '.join(machine['cpu_matmul_flags']) or 'no AVX2'}), LD_PRELOAD={machine['ld_preload'] or '-'}, XLA_FLAGS={machine['xla_flags'] or '-'}")
   common.write_json(args.json, {"benchmark": "train_step", "machine": machine, "results": [row]})
   return row
 

@@ -82,6 +82,28 @@ def test_frozen_pattern_that_matches_nothing_is_an_error():
     optimizer.create_optimizer(_params(), frozen_patterns=["^nothing/"])
 
 
+@pytest.mark.parametrize("name", ["adafactor", "adamw"])
+def test_lr_multipliers_scale_each_parameters_update(name):
+  params = _params()
+  grads = jax.tree_util.tree_map(lambda p: jnp.full_like(p, 0.5), params)
+  plain = optimizer.create_optimizer(params, name=name, schedule=optax.constant_schedule(0.1))
+  scaled = optimizer.create_optimizer(params, name=name, schedule=optax.constant_schedule(0.1),
+                                      lr_multipliers=[("^vit/kernel", 0.25), ("^vit/", 2.0)])
+  u_plain, _ = plain.update(grads, plain.init(params), params)
+  u_scaled, _ = scaled.update(grads, scaled.init(params), params)
+  np.testing.assert_allclose(u_scaled["vit"]["kernel"], 0.25 * u_plain["vit"]["kernel"],
+                             rtol=1e-6)  # the first matching rule wins
+  np.testing.assert_allclose(u_scaled["vit"]["bias"], 2.0 * u_plain["vit"]["bias"], rtol=1e-6)
+  np.testing.assert_array_equal(u_scaled["encoder"]["kernel"], u_plain["encoder"]["kernel"])
+  size = lambda t: sum(x.size for x in jax.tree_util.tree_leaves(t))  # noqa: E731
+  assert size(scaled.init(params)) == size(plain.init(params))  # the scaling keeps no state
+
+
+def test_lr_multiplier_that_matches_nothing_is_an_error():
+  with pytest.raises(ValueError, match=r"\['\^nothing/'\] match no parameter"):
+    optimizer.create_optimizer(_params(), lr_multipliers=[("^vit/", 0.5), ("^nothing/", 0.5)])
+
+
 def test_loc_targets_gaussian_by_hand():
   # Vocabulary of 6: ids 0-1 text, ids 2-5 four location bins. Target bin 1 (id 3), sigma 1.
   loc = losses.LocTargets(first=2, num=4, sigma=1.0)

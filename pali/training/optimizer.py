@@ -1,4 +1,5 @@
-"""Optimizers, learning-rate schedules and parameter freezing, all from optax and gin.
+"""Optimizers, learning-rate schedules, per-parameter learning-rate multipliers and parameter
+freezing, all from optax and gin.
 
 Frozen parameters (regexes over '/'-joined parameter paths) get `optax.set_to_zero()`, whose
 state is empty, so no optimizer memory is spent on them; the trainer also stops their gradients
@@ -61,15 +62,56 @@ def frozen_mask(params, patterns: Sequence[str]):
       lambda path, _: any(c.search(path_str(path)) for c in compiled), params)
 
 
+def multiplier_tree(params, multipliers: Sequence[tuple[str, float]]):
+  """Per parameter, the factor of the first (regex, factor) whose regex matches its '/'-joined
+  path (re.search), else 1.0. A regex that matches no parameter is an error."""
+  compiled = [(re.compile(p), float(f)) for p, f in multipliers]
+  used = [False] * len(compiled)
+
+  def factor(path, _):
+    s = path_str(path)
+    for i, (c, f) in enumerate(compiled):
+      if c.search(s):
+        used[i] = True
+        return f
+    return 1.0
+
+  tree = jax.tree_util.tree_map_with_path(factor, params)
+  unused = [p for (p, _), u in zip(multipliers, used) if not u]
+  if unused:
+    raise ValueError(f"create_optimizer.lr_multipliers: {unused} match no parameter; check "
+                     "the paths (e.g. '^vit/').")
+  return tree
+
+
+def scale_by_multipliers(params, multipliers: Sequence[tuple[str, float]]
+                         ) -> optax.GradientTransformation:
+  """Multiplies each parameter's update by its factor (`multiplier_tree`); no state. After an
+  optimizer this scales that parameter's learning rate (weight decay included)."""
+  factors = multiplier_tree(params, multipliers)
+
+  def update_fn(updates, state, params=None):
+    del params
+    return jax.tree_util.tree_map(lambda u, f: u if f == 1.0 else u * f, updates,
+                                  factors), state
+
+  return optax.GradientTransformation(lambda _: optax.EmptyState(), update_fn)
+
+
 @gin.configurable(denylist=["params", "schedule", "frozen_patterns"])
 def create_optimizer(params, *, name: str = "adafactor", schedule: optax.Schedule | None = None,
                      clip_grad_norm: float | None = 1.0, weight_decay: float = 0.0,
                      b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
                      adafactor_decay_rate: float = 0.8, adafactor_momentum: float | None = None,
                      adafactor_factored: bool = True,
+                     lr_multipliers: Sequence[tuple[str, float]] = (),
                      frozen_patterns: Sequence[str] = ()) -> optax.GradientTransformation:
   """Adafactor (t5x defaults: decay 0.8, parameter-scale updates, update clipping 1.0, factored
-  second moments for matrices) or AdamW, after global-norm clipping, with freezing."""
+  second moments for matrices) or AdamW, after global-norm clipping, with freezing.
+
+  `lr_multipliers`: [(regex, factor), ...] over '/'-joined parameter paths, e.g.
+  `[('^vit/', 0.3)]` trains the ViT at 0.3x the schedule's rate (first match wins; as
+  big_vision's `lr_mults`)."""
   schedule = schedule if schedule is not None else learning_rate_schedule()
   if name == "adafactor":
     tx = optax.adafactor(
@@ -80,6 +122,8 @@ def create_optimizer(params, *, name: str = "adafactor", schedule: optax.Schedul
     tx = optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
   else:
     raise ValueError(f"create_optimizer.name={name!r}: use 'adafactor' or 'adamw'.")
+  if lr_multipliers:
+    tx = optax.chain(tx, scale_by_multipliers(params, lr_multipliers))
   if clip_grad_norm:
     tx = optax.chain(optax.clip_by_global_norm(clip_grad_norm), tx)
   if frozen_patterns:
