@@ -64,7 +64,8 @@ def _batch(task, n=8):
 @pytest.mark.parametrize("task", ["learn_shapes_detection", "learn_shapes_detection_ordered",
                                   "learn_word_ocr", "learn_word_ocr_spelled", "learn_letter_ocr",
                                   "learn_counting_vqa", "pali_synthetic_learn_v2",
-                                  "pali_synthetic_learn_v3", "pali_synthetic_learn_v4"])
+                                  "pali_synthetic_learn_v3", "pali_synthetic_learn_v4",
+                                  "pali_synthetic_learn_v5", "learn_ocr_letters_and_words"])
 def test_learning_task_batches(task):
   prompts, targets = _batch(task)
   if task.startswith("learn_shapes_detection"):
