@@ -78,6 +78,23 @@ def machine_info() -> dict[str, Any]:
   }
 
 
+def prepare_process(no_tcmalloc: bool) -> None:
+  """The benchmark process environment the launcher also sets: tcmalloc preloaded where
+  installed (re-executes the process), unless `no_tcmalloc`."""
+  if no_tcmalloc:
+    os.environ["PALI_NO_TCMALLOC"] = "1"
+  from launch import launch_utils
+  launch_utils.set_process_environment()
+
+
+def machine_line(machine: Mapping[str, Any]) -> str:
+  """One line naming what the figures depend on (from `machine_info`)."""
+  flags = ", ".join(machine.get("cpu_matmul_flags") or []) or "no AVX2"
+  return (f"machine: {machine['cpu_model']}, {machine['cpu_count']} cores ({flags}), load "
+          f"{machine['load_average_1_5_15min']}, LD_PRELOAD={machine.get('ld_preload') or '-'}, "
+          f"XLA_FLAGS={machine.get('xla_flags') or '-'}")
+
+
 def time_calls(fn: Callable[[], Any], steps: int, warmup: int = 1) -> list[float]:
   """Seconds per call of `fn` (which must block until its result is ready)."""
   for _ in range(warmup):

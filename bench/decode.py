@@ -20,7 +20,6 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench import common  # noqa: E402
-from launch import launch_utils  # noqa: E402
 
 DEFAULT_CONFIGS = ("gin_configs/models/pali_tiny.gin", "gin_configs/models/pali_small.gin")
 DEFAULT_IMAGE_SIZE = {"pali_tiny.gin": 64, "pali_small.gin": 224}
@@ -136,9 +135,7 @@ def run_config(config_path: str, args) -> list[dict]:
 
 def main(argv=None):
   args = parse_args(argv)
-  if args.no_tcmalloc:
-    os.environ["PALI_NO_TCMALLOC"] = "1"
-  launch_utils.set_process_environment()  # re-executes with tcmalloc where installed
+  common.prepare_process(args.no_tcmalloc)  # re-executes with tcmalloc where installed
   rows = []
   for config in args.configs:
     rows += run_config(config, args)
@@ -146,8 +143,7 @@ def main(argv=None):
   print(common.format_table(rows, ["config", "method", "batch", "decode_len", "compile_s",
                                    "median_s", "tokens_per_s", "kv_cache_speedup",
                                    "same_tokens_as_first"]))
-  print(f"machine: {machine['cpu_model']}, {machine['cpu_count']} cores, load "
-        f"{machine['load_average_1_5_15min']}")
+  print(common.machine_line(machine))
   common.write_json(args.json, {"benchmark": "decode", "machine": machine,
                                 "settings": vars(args), "results": rows})
   return rows

@@ -17,7 +17,6 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench import common  # noqa: E402
-from launch import launch_utils  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -40,14 +39,11 @@ def run(args) -> list[dict]:
 
 def main(argv=None):
   args = parse_args(argv)
-  if args.no_tcmalloc:
-    os.environ["PALI_NO_TCMALLOC"] = "1"
-  launch_utils.set_process_environment()  # re-executes with tcmalloc where installed
+  common.prepare_process(args.no_tcmalloc)  # re-executes with tcmalloc where installed
   rows = run(args)
   machine = common.machine_info()
   print(common.format_table(rows, ["n", "matmul_dtype", "gflop_per_s"]))
-  print(f"machine: {machine['cpu_model']}, {machine['cpu_count']} cores, "
-        f"CPU flags: {', '.join(common.cpu_matmul_flags()) or 'no AVX-512/AMX'}")
+  print(common.machine_line(machine))
   common.write_json(args.json, {"benchmark": "matmul_peak", "machine": machine, "results": rows})
   return rows
 

@@ -22,7 +22,6 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench import common  # noqa: E402
-from launch import launch_utils  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -154,9 +153,7 @@ def run(args) -> dict:
 
 def main(argv=None):
   args = parse_args(argv)
-  if args.no_tcmalloc:
-    os.environ["PALI_NO_TCMALLOC"] = "1"
-  launch_utils.set_process_environment()  # re-executes with tcmalloc where installed
+  common.prepare_process(args.no_tcmalloc)  # re-executes with tcmalloc where installed
   row = run(args)
   machine = common.machine_info()
   row["load_average_after"] = machine["load_average_1_5_15min"]
@@ -167,8 +164,7 @@ def main(argv=None):
   print(common.format_table([row], cols))
   if row.get("profile"):
     print(common.format_table(row["profile"], ["op", "ms_per_step", "share", "calls_per_step"]))
-  print(f"machine: {machine['cpu_model']}, {machine['cpu_count']} cores "
-        f"({', '.join(machine['cpu_matmul_flags']) or 'no AVX2'}), LD_PRELOAD={machine['ld_preload'] or '-'}, XLA_FLAGS={machine['xla_flags'] or '-'}")
+  print(common.machine_line(machine))
   common.write_json(args.json, {"benchmark": "train_step", "machine": machine, "results": [row]})
   return row
 
