@@ -65,7 +65,10 @@ def _batch(task, n=8):
                                   "learn_word_ocr", "learn_word_ocr_spelled", "learn_letter_ocr",
                                   "learn_counting_vqa", "pali_synthetic_learn_v2",
                                   "pali_synthetic_learn_v3", "pali_synthetic_learn_v4",
-                                  "pali_synthetic_learn_v5", "learn_ocr_letters_and_words"])
+                                  "pali_synthetic_learn_v5", "pali_synthetic_learn_v6",
+                                  "pali_synthetic_learn_v7",
+                                  "learn_ocr_letters_and_words",
+                                  "learn_shapes_caption_ordered"])
 def test_learning_task_batches(task):
   prompts, targets = _batch(task)
   if task.startswith("learn_shapes_detection"):
@@ -85,8 +88,25 @@ def test_learning_task_batches(task):
     assert all(t in st.dictionary_words() for t in targets)
   elif task == "learn_letter_ocr":
     assert all(len(t) == 1 and t in string.ascii_lowercase for t in targets)
+  elif task == "learn_shapes_caption_ordered":
+    assert all(p == "caption en" for p in prompts)
+    assert all(re.match(r"an? \w+ \w+", t) for t in targets), targets
   elif task == "learn_counting_vqa":
     assert all("how many" in p for p in prompts) and all(t.isdigit() for t in targets)
+
+
+def test_ordered_captions_name_objects_nearest_the_top_left_first():
+  for i in range(30):
+    spec = sc.scene_spec("train", i)
+    ordered = sc.in_dist2ori_order(spec)
+    assert sorted(map(id, ordered["objects"])) == sorted(map(id, spec["objects"]))
+    dist = [o["box"][0] ** 2 + o["box"][1] ** 2 for o in ordered["objects"]]
+    assert dist == sorted(dist)
+    names = [f"{o['color']} {o['shape']}" for o in ordered["objects"]]
+    text = sc.caption(ordered)
+    assert [text.index(n) for n in names] == sorted(text.index(n) for n in names) or (
+        len(set(names)) < len(names)), text  # repeated names: positions are ambiguous
+    assert text.split(" ", 1)[1].startswith(names[0])
 
 
 def test_training_boxes_are_snapped_validation_boxes_exact():
@@ -96,3 +116,24 @@ def test_training_boxes_are_snapped_validation_boxes_exact():
   assert np.abs(snapped - boxes).max() <= 0.5 / 63 + 1e-6
   # Flipping keeps a snapped coordinate on the grid.
   assert np.allclose((1 - snapped) * 63, np.round((1 - snapped) * 63), atol=1e-4)
+
+
+def test_learn_cpu_config_builds_and_trains(tmp_path):
+  """The learning benchmark's gin file as it is: its mixture, its model (three-conv stem,
+  4-layer decoder, sin-cos <loc> rows), its optimizer (the ViT's learning-rate factor must
+  match parameters) and soft <loc> targets take real steps; only the size is cut."""
+  import flax.linen as nn
+
+  from launch import launch_utils
+  from pali.training import trainer
+
+  launch_utils.parse_gin(["gin_configs/runs/learn_cpu.gin"], [
+      f"MODEL_DIR = '{tmp_path}'", "TRAIN_STEPS = 2", "BATCH_SIZE = 8",
+      "train.eval_every = 0", "train.final_eval = False", "train.checkpoint_every = 2"])
+  result = trainer.train()
+  assert result.step == 2 and np.isfinite(result.last_metrics["loss"])
+  params = nn.meta.unbox(result.state.params)
+  assert params["vit"]["stem_conv_2"]["kernel"].shape == (3, 3, 64, 128)
+  assert "layers_3" in params["decoder"]
+  cfg = trainer.model_for_image_size(64).config
+  assert cfg.loc_init == "sincos" and cfg.t5.num_heads == 4

@@ -118,6 +118,13 @@ def _article(word: str) -> str:
   return "an" if word[0] in "aeiou" else "a"
 
 
+def in_dist2ori_order(spec) -> Dict[str, Any]:
+  """The spec with its objects nearest the top-left corner first, by the box's top-left corner
+  (pix2seq's 'dist2ori', as pali.data.detection orders boxes); ties keep the drawing order."""
+  objs = sorted(spec["objects"], key=lambda o: o["box"][0] ** 2 + o["box"][1] ** 2)
+  return {**spec, "objects": objs}
+
+
 def caption(spec) -> str:
   objs = spec["objects"]
   names = [f"{_article(o['color'])} {o['color']} {o['shape']}" for o in objs]
