@@ -36,7 +36,7 @@ from clu import metric_writers
 from jax.experimental import multihost_utils
 
 from pali import checkpoints, decoding, partitioning
-from pali.evaluation import eval_input, task_metrics, visualize
+from pali.evaluation import box_scores, eval_input, task_metrics, visualize
 from pali.evaluation.checkpoint_io import (abstract_params, checkpoint_steps,  # noqa: F401
                                            model_dir_for, resolve_checkpoint_path)
 from pali.training import step as step_lib
@@ -57,6 +57,8 @@ class EvalSettings:
   allowed_outputs: {task-name regex: [allowed output strings]}: closed-set tasks decode
     under a prefix trie of those strings (e.g. counting answers).
   num_images: how many predictions per task are drawn for TensorBoard.
+  per_box_scores: detection AP ranks each box by the probability of its own tokens (locations
+    and label; `box_scores`), not by its whole sequence's (False: the sequence's).
   """
   max_eval_examples: int = 64
   batch_size: int = 16
@@ -72,6 +74,7 @@ class EvalSettings:
   allowed_outputs: Mapping[str, Sequence[str]] = dataclasses.field(default_factory=dict)
   num_images: int = 4
   image_display_size: int = 192
+  per_box_scores: bool = True
 
 
 def _is_lead() -> bool:
@@ -119,6 +122,11 @@ def _jitted_decode(model, max_decode_len, method, beam_size, alpha, temperature,
 
 
 @functools.lru_cache(maxsize=8)
+def _jitted_token_log_probs(model):
+  return jax.jit(box_scores.make_token_log_probs(model))
+
+
+@functools.lru_cache(maxsize=8)
 def _jitted_loss(model, mesh):
   return jax.jit(step_lib.make_eval_step(model), out_shardings=partitioning.replicated(mesh))
 
@@ -143,6 +151,7 @@ class Evaluator:
     self._decode = _jitted_decode(model, self.max_decode_len, s.decode_method, s.beam_size,
                                   s.beam_alpha, s.temperature, s.top_k, s.top_p)
     self._loss = _jitted_loss(model, mesh)
+    self._token_log_probs = _jitted_token_log_probs(model)
     self._writers: dict[str, Any] = {}
     self._tries: dict[str, Optional[decoding.Trie]] = {}
     self.pictures: dict[str, list[np.ndarray]] = {}  # task -> drawn predictions (process 0)
@@ -177,6 +186,8 @@ class Evaluator:
     vocab = task.output_features["targets"].vocabulary
     trie = self._trie_for(task_name, vocab)
     rng = jax.random.PRNGKey(s.seed)
+    scorer = task_metrics.for_task(task_name, task)
+    per_box = s.per_box_scores and scorer.family == "detection"
     gathered, images, sums, seen = [], [], None, 0
     t0 = time.time()
     for step, (local, positions) in enumerate(eval_input.eval_batches(
@@ -186,13 +197,15 @@ class Evaluator:
                                                 self.rules)
       position = batch.pop("position")  # sharded like the rows it numbers
       # A fresh key per global batch: sampled decodes of different batches are independent.
-      tokens, scores = self._decode(params, {k: batch[k] for k in DECODE_FEATURES}, trie,
-                                    jax.random.fold_in(rng, step))
+      decode_inputs = {k: batch[k] for k in DECODE_FEATURES}
+      tokens, scores = self._decode(params, decode_inputs, trie, jax.random.fold_in(rng, step))
       batch_sums = jax.device_get(self._loss(params, batch))
       sums = batch_sums if sums is None else jax.tree_util.tree_map(np.add, sums, batch_sums)
-      out = multihost_utils.process_allgather(
-          {"inputs": batch["encoder_input_tokens"], "targets": batch["decoder_target_tokens"],
-           "predictions": tokens, "scores": scores, "position": position}, tiled=True)
+      arrays = {"inputs": batch["encoder_input_tokens"], "targets": batch["decoder_target_tokens"],
+                "predictions": tokens, "scores": scores, "position": position}
+      if per_box:
+        arrays["token_log_probs"] = self._token_log_probs(params, decode_inputs, tokens)
+      out = multihost_utils.process_allgather(arrays, tiled=True)
       gathered.append(out)
       if seen < s.num_images:  # positions of this step start at `seen`
         imgs = multihost_utils.process_allgather(batch["images"], tiled=True)
@@ -211,10 +224,13 @@ class Evaluator:
     cat = {k: v[order] for k, v in cat.items()}
     ids = {k: [_strip_ids(row) for row in cat[k]] for k in ("inputs", "targets", "predictions")}
     texts = {k: [vocab.decode(row) for row in v] for k, v in ids.items()}
-    scorer = task_metrics.for_task(task_name, task)
+    object_scores = None
+    if per_box:
+      object_scores = [box_scores.object_scores(row, lp, vocab)
+                       for row, lp in zip(ids["predictions"], cat["token_log_probs"])]
     result = scorer.compute(targets=texts["targets"], predictions=texts["predictions"],
                             scores=cat["scores"].tolist(), target_ids=ids["targets"],
-                            prediction_ids=ids["predictions"])
+                            prediction_ids=ids["predictions"], object_scores=object_scores)
     weight = max(float(sums["weight_sum"]), 1e-8)
     result.update(loss=float(sums["loss"]) / weight, accuracy=float(sums["correct"]) / weight,
                   num_examples=float(len(ids["targets"])), decode_seconds=decode_s)

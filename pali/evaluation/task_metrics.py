@@ -53,7 +53,8 @@ class TaskMetrics:
   `metric_fns` have seqio's signature `fn(targets, predictions) -> {name: float}`;
   `postprocess_fn(text, is_target)` turns a detokenized string into what they take.
   `inputs`: 'text' (postprocessed strings), 'text_and_score' (predictions are
-  (text, sequence probability) pairs, for detection AP) or 'ids' (token-id lists, for UL2
+  (text, probability) pairs, for detection AP: one probability per object where
+  `object_scores` gives them, else the sequence's for all) or 'ids' (token-id lists, for UL2
   targets whose sentinels and spans are clearer as ids).
   """
   family: str
@@ -63,15 +64,20 @@ class TaskMetrics:
 
   def compute(self, *, targets: Sequence[str], predictions: Sequence[str],
               scores: Sequence[float], target_ids: Sequence[Sequence[int]],
-              prediction_ids: Sequence[Sequence[int]]) -> dict[str, float]:
-    """All metrics of this task on aligned examples (scores are summed log-probs)."""
+              prediction_ids: Sequence[Sequence[int]],
+              object_scores: Optional[Sequence[Optional[Sequence[float]]]] = None
+              ) -> dict[str, float]:
+    """All metrics of this task on aligned examples (scores are summed log-probs;
+    `object_scores`, per example a probability per parsed object or None, from `box_scores`)."""
     if self.inputs == "ids":
       tgt, pred = list(target_ids), list(prediction_ids)
     else:
       tgt = [self.postprocess_fn(t, is_target=True) for t in targets]
       pred = [self.postprocess_fn(p, is_target=False) for p in predictions]
       if self.inputs == "text_and_score":
-        pred = [(p, float(np.exp(s))) for p, s in zip(pred, scores)]
+        per_object = object_scores if object_scores is not None else [None] * len(pred)
+        pred = [(p, float(np.exp(s)) if o is None else list(o))
+                for p, s, o in zip(pred, scores, per_object)]
     out: dict[str, float] = {}
     for fn in self.metric_fns:
       out.update({k: float(v) for k, v in fn(tgt, pred).items()})
