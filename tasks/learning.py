@@ -15,8 +15,9 @@
   captions: the earlier benchmark) and `pali_synthetic_learn_v3` (ordered detection, spelled
   OCR, counting, captions) and `pali_synthetic_learn_v4` (v3 with more captions, less OCR);
   `pali_synthetic_learn_v5` (v4 with single letters beside the words, which is what makes the
-  model start to read: gin_configs/runs/learn_cpu.gin); `learn_ocr_letters_and_words` (the
-  two OCR tasks alone, a probe).
+  model start to read), `_v6` (captions in detection's object order) and `_v7` (more
+  detection: gin_configs/runs/learn_cpu.gin); `learn_ocr_letters_and_words` (the two OCR tasks
+  alone, a probe).
 """
 import functools
 

@@ -41,13 +41,14 @@ def object_scores(ids: Sequence[int], token_log_probs: Sequence[float], vocab
 
   `ids` are a decoded row up to (not including) EOS; `token_log_probs[i]` belongs to `ids[i]`.
   An object's span starts at its run of location tokens and ends before the next run; its
-  tokens are the locations and the label up to the `;` separator, lone spaces left out. None when the spans do not give
-  exactly the objects of the whole string (a malformed row): use the sequence's score then.
+  tokens are the locations and the label up to the `;` separator, lone spaces left out. None
+  when the spans do not give exactly the objects of the whole string (a malformed row): use
+  the sequence's score then.
   """
   ids = [int(t) for t in ids]
-  is_loc = np.asarray(vocab.is_loc(np.asarray(ids, np.int64)), bool) if ids else np.zeros(0, bool)
+  is_loc = np.asarray(vocab.is_loc(np.asarray(ids, np.int64)), bool)
   starts = [i for i in range(len(ids)) if is_loc[i] and (i == 0 or not is_loc[i - 1])]
-  bounds = [0] + starts[1:] + [len(ids)] if starts else [0, len(ids)]
+  bounds = [0] + starts[1:] + [len(ids)]
   objects, scores = [], []
   for a, b in zip(bounds[:-1], bounds[1:]):
     found = parse_detections(vocab.decode(ids[a:b]))
