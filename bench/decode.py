@@ -87,7 +87,6 @@ def run_config(config_path: str, args) -> list[dict]:
   import numpy as np
 
   from pali.models import pali as pali_model
-  from pali.training import trainer
 
   name = os.path.basename(config_path)
   image_size = args.image_size or DEFAULT_IMAGE_SIZE.get(name, 224)
@@ -95,7 +94,7 @@ def run_config(config_path: str, args) -> list[dict]:
   path = config_path if os.path.isabs(config_path) else os.path.join(common.REPO_ROOT,
                                                                      config_path)
   gin.parse_config_files_and_bindings([path], [f"DTYPE = '{args.dtype}'"])
-  model = trainer.model_for_image_size(image_size)
+  model = pali_model.build_model_for_image_size(image_size)
   rng = np.random.default_rng(0)
   b = args.batch
   batch = {

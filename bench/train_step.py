@@ -74,7 +74,6 @@ def run(args) -> dict:
   from pali.training import optimizer as optimizer_lib
   from pali.training import step as step_lib
   from pali.training import train_state as train_state_lib
-  from pali.training import trainer
 
   gin.clear_config()
   config_path = args.config if os.path.isabs(args.config) else os.path.join(common.REPO_ROOT,
@@ -82,7 +81,7 @@ def run(args) -> dict:
   bindings = [f"DTYPE = '{'bfloat16' if args.dtype == 'bfloat16' else 'float32'}'",
               f"matmul.precision = '{'mixed' if args.dtype == 'mixed' else 'default'}'"]
   gin.parse_config_files_and_bindings([config_path], bindings + args.gin_bindings)
-  model = trainer.model_for_image_size(args.image_size)
+  model = pali_model.build_model_for_image_size(args.image_size)
   cfg = model.config
   mesh = partitioning.create_mesh()
   rules = partitioning.logical_axis_rules()
@@ -102,6 +101,7 @@ def run(args) -> dict:
     t0 = time.perf_counter()
     compiled = jitted.lower(state, batch, rng).compile()
     compile_s = time.perf_counter() - t0
+    memory = compiled.memory_analysis()  # XLA's buffer plan: state, batch and temporaries
 
     losses = []
 
@@ -139,7 +139,8 @@ def run(args) -> dict:
       "config": os.path.basename(args.config), "dtype": args.dtype,
       "matmul_precision": matmul.get_precision(), "batch": args.batch,
       "image_size": args.image_size, "input_len": args.input_len,
-      "target_len": args.target_len, "steps": args.steps, "compile_s": compile_s,
+      "target_len": args.target_len, "gin_bindings": args.gin_bindings,
+      "steps": args.steps, "compile_s": compile_s,
       "median_step_s": med, "min_step_s": min(times), "step_times_s": times,
       "cpu_s_per_step": cpu_per_step,
       "examples_per_s": args.batch / med, "tokens_per_s": tokens / med,
@@ -147,6 +148,10 @@ def run(args) -> dict:
       "peak_matmul_dtype": matmul_dtype, "peak_gflop_per_s": peak / 1e9,
       "mfu": step_flops / med / peak, "loss_first": losses[0], "loss_last": losses[-1],
       "params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(state.params))),
+      "xla_argument_gib": getattr(memory, "argument_size_in_bytes", 0) / 2 ** 30,
+      "xla_temp_gib": getattr(memory, "temp_size_in_bytes", 0) / 2 ** 30,
+      "device_peak_gib": (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use", 0)
+                         / 2 ** 30,
       **({"profile": profile} if profile else {}),
   }
 

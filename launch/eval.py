@@ -78,14 +78,14 @@ def evaluate_checkpoints(*, checkpoint_path: str = gin.REQUIRED,
   from pali import checkpoints, partitioning
   from pali.evaluation import checkpoint_io
   from pali.evaluation import evaluator as ev
-  from pali.training import trainer
+  from pali.models import pali as pali_model
 
   directory, only_step = checkpoint_io.resolve_checkpoint_path(checkpoint_path)
   eval_dir = eval_dir or checkpoint_io.model_dir_for(directory)
   record = os.path.join(eval_dir, "eval", "evaluated_steps.json")
   done = _load_evaluated(record) if skip_evaluated and only_step is None else set()
   mesh, rules = partitioning.create_mesh(), partitioning.logical_axis_rules()
-  model = model or trainer.model_for_image_size(image_size)
+  model = model or pali_model.build_model_for_image_size(image_size)
   abstract = checkpoint_io.abstract_params(
       model, mesh, rules, image_size=image_size, max_images=max_images,
       task_feature_lengths=task_feature_lengths)

@@ -161,11 +161,11 @@ def test_in_training_eval_writes_events_jsonl_images_and_report(run):
 def test_restore_params_reads_only_params(run):
   from pali import checkpoints, partitioning
   from pali.evaluation import evaluator as ev
-  from pali.training import trainer
+  from pali.models import pali as pali_model
   model_dir, result = run
   _parse(GIN_FILES, _run_bindings(model_dir))
   mesh, rules = partitioning.create_mesh(), partitioning.logical_axis_rules()
-  model = trainer.model_for_image_size(32)
+  model = pali_model.build_model_for_image_size(32)
   abstract = ev.abstract_params(model, mesh, rules, image_size=32, max_images=1,
                                 task_feature_lengths={"inputs": 16, "targets": 24})
   params = checkpoints.restore_params(os.path.join(model_dir, "checkpoints"), 2, abstract)
@@ -276,12 +276,12 @@ def _restored_caption_model(run):
   """The fixture run's step-2 model and params, for the 20-example caption task at 32 px."""
   from pali import checkpoints, partitioning
   from pali.evaluation import evaluator as ev
-  from pali.training import trainer
+  from pali.models import pali as pali_model
   model_dir, _ = run
   _parse(GIN_FILES, _run_bindings(model_dir))
   task_name, lengths = eval_tasks.CAPTION_20, {"inputs": 16, "targets": 24}
   mesh, rules = partitioning.create_mesh(), partitioning.logical_axis_rules()
-  model = trainer.model_for_image_size(32)
+  model = pali_model.build_model_for_image_size(32)
   params = checkpoints.restore_params(os.path.join(model_dir, "checkpoints"), 2, ev.abstract_params(
       model, mesh, rules, image_size=32, max_images=1, task_feature_lengths=lengths))
   return model, mesh, rules, params, task_name, lengths

@@ -125,6 +125,7 @@ def test_learn_cpu_config_builds_and_trains(tmp_path):
   import flax.linen as nn
 
   from launch import launch_utils
+  from pali.models import pali as pali_model
   from pali.training import trainer
 
   launch_utils.parse_gin(["gin_configs/runs/learn_cpu.gin"], [
@@ -135,5 +136,5 @@ def test_learn_cpu_config_builds_and_trains(tmp_path):
   params = nn.meta.unbox(result.state.params)
   assert params["vit"]["stem_conv_2"]["kernel"].shape == (3, 3, 64, 128)
   assert "layers_3" in params["decoder"]
-  cfg = trainer.model_for_image_size(64).config
+  cfg = pali_model.build_model_for_image_size(64).config
   assert cfg.loc_init == "sincos" and cfg.t5.num_heads == 4

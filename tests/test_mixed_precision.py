@@ -54,6 +54,36 @@ def test_custom_backward_off_gives_the_same_model_gradients():
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+def test_bfloat16_backward_dots_stay_bfloat16_with_or_without_materialised_transposes(
+    monkeypatch):
+  # Plain autodiff would run the backward of a bf16 -> f32 dot as an f32 dot (TF32 GEMMs on an
+  # H200, BENCHMARKS.md "GPU"); the custom VJP keeps it bf16. Off CPU the transposes are left
+  # to the compiler: the same dots and gradients, minus the copies and barriers.
+  x, w = _rand(0, (4, 16, 32)), _rand(1, (32, 24))
+  q, k = _rand(2, (2, 8, 3, 16)), _rand(3, (2, 8, 3, 16))
+
+  def f(x, w, q, k):
+    bf = lambda t: t.astype(jnp.bfloat16)  # noqa: E731
+    y = matmul.dense(bf(x), w, (-1,), jnp.bfloat16)
+    probs = jax.nn.softmax(matmul.attention_logits(bf(q), bf(k)), axis=-1)
+    o = matmul.attention_combine(bf(probs), bf(k), jnp.bfloat16)
+    return jnp.sum(y.astype(jnp.float32) ** 2) + jnp.sum(o.astype(jnp.float32) ** 2)
+
+  results = {}
+  for materialise in (True, False):
+    monkeypatch.setattr(matmul, "_materialise_transposes", lambda m=materialise: m)
+    # A fresh function each time: jit caches traces per function, blind to the patch.
+    grad = jax.grad(lambda *a: f(*a), argnums=(0, 1, 2, 3))
+    hlo = jax.jit(grad).lower(x, w, q, k).as_text()
+    dots = [line for line in hlo.splitlines() if "dot_general" in line]
+    assert len(dots) == 9, dots  # 3 products x (forward, 2 gradients)
+    assert all(line.split("->")[0].count("bf16") == 2 for line in dots), dots
+    assert ("optimization_barrier" in hlo) == materialise
+    results[materialise] = jax.jit(grad)(x, w, q, k)
+  for a, b in zip(results[True], results[False]):
+    np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3)
+
+
 def test_mixed_matmuls_use_bfloat16_operands_and_float32_results():
   gin.bind_parameter("matmul.precision", "mixed")
   x, w = _rand(0, (4, 8, 16)), _rand(1, (16, 32))

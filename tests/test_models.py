@@ -302,7 +302,7 @@ def test_sharded_forward_equals_single_device():
   np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=ATOL)
 
 
-@pytest.mark.parametrize("name", ["pali_tiny", "pali_small", "pali_base"])
+@pytest.mark.parametrize("name", ["pali_tiny", "pali_small", "pali_base", "pali_large", "pali_xl"])
 def test_gin_model_files_build(name):
   gin.parse_config_files_and_bindings([os.path.join(GIN_DIR, f"{name}.gin")], [])
   model = pali.build_model()

@@ -94,11 +94,11 @@ def _save_random_checkpoint(model_dir: str, step: int) -> None:
   from launch import eval as _  # noqa: F401  (registers evaluate_checkpoints for eval.gin)
   from pali import checkpoints, partitioning
   from pali.evaluation import checkpoint_io
-  from pali.training import trainer
+  from pali.models import pali as pali_model
   gin.parse_config_files_and_bindings(GIN_FILES, _bindings(model_dir), finalize_config=False)
   mesh, rules = partitioning.create_mesh(), partitioning.logical_axis_rules()
   abstract = checkpoint_io.abstract_params(
-      trainer.model_for_image_size(16), mesh, rules, image_size=16, max_images=1,
+      pali_model.build_model_for_image_size(16), mesh, rules, image_size=16, max_images=1,
       task_feature_lengths={"inputs": 8, "targets": 16})
   rng = np.random.default_rng(0)
   params = jax.tree_util.tree_map(

@@ -6,7 +6,7 @@ import pytest
 
 from launch import fault_injection, run_stages
 from pali.models import pali as pali_model
-from pali.training import train_state, trainer
+from pali.training import train_state
 
 SIZES = (32, 48, 64, 80)
 PATCH = 8
@@ -38,7 +38,7 @@ def test_cpu_ladder(tmp_path):
   gin.parse_config_file("gin_configs/models/pali_tiny.gin")
   gin.bind_parameter("ViTConfig.posemb", "learn")
   for result, size in zip(results, SIZES):
-    model = trainer.model_for_image_size(size)
+    model = pali_model.build_model_for_image_size(size)
     batch = pali_model.dummy_batch(1, size, 1, 24, 24)
     batch["image_mask"][:] = 1
     encoded, mask = model.apply({"params": result.state.params}, batch["images"],
@@ -47,7 +47,7 @@ def test_cpu_ladder(tmp_path):
     assert encoded.shape[1] == (size // PATCH) ** 2 + 24
 
   # Stage 1 freezes the ViT: its parameters are still the initial ones, bit for bit.
-  model = trainer.model_for_image_size(SIZES[0])
+  model = pali_model.build_model_for_image_size(SIZES[0])
   key = jax.random.key(0)
   init = jax.jit(lambda k: model.init({"params": k, "dropout": k},
                                       pali_model.dummy_batch(8, 32, 1, 24, 24))["params"])(key)

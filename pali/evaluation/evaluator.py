@@ -321,7 +321,7 @@ def evaluate_and_report(model_dir: str, *, mixture_or_task: Optional[str] = None
   prints a table of per-task metrics and saves a picture of predictions (default
   `model_dir/eval/predictions.png`). Unset arguments come from the gin `train.*` bindings.
   Returns {task: metrics}."""
-  from pali.training import trainer
+  from pali.models import pali as pali_model
   mixture_or_task = mixture_or_task or _gin_value("train.mixture")
   task_feature_lengths = task_feature_lengths or _gin_value("train.task_feature_lengths")
   image_size = image_size or _gin_value("train.image_size", 224)
@@ -331,7 +331,7 @@ def evaluate_and_report(model_dir: str, *, mixture_or_task: Optional[str] = None
                      "(or the gin bindings train.mixture / train.task_feature_lengths).")
   mesh = mesh or partitioning.create_mesh()
   rules = partitioning.logical_axis_rules()
-  model = model or trainer.model_for_image_size(image_size)
+  model = model or pali_model.build_model_for_image_size(image_size)
   if params is None:
     directory = os.path.join(model_dir, "checkpoints")
     steps = checkpoint_steps(directory)

@@ -1,11 +1,15 @@
 """The model's matmuls, with a hand-written backward pass and an optional mixed precision.
 
-Why a custom VJP: under plain autodiff XLA's CPU backend gets the weight gradient of a
-[B, L, K] x [K, N] projection as a dot contracting over the rows (B, L), which it does not route
-to its fast matmul kernels (and runs in float32 even for bfloat16 operands); the attention
-gradients likewise. Here every product is a (batched) [m, k] x [k, n] or [m, k] x [n, k]^T
-matmul, forward and backward; a transpose the backward needs is materialised (a cheap copy)
-rather than folded into the dot.
+Why a custom VJP: under plain autodiff the backward of a bf16 x bf16 -> float32 dot is a
+float32 dot (the float32 cotangent promotes the saved bf16 operand), so two thirds of a bfloat16
+model's matmul FLOPs ran in float32: TF32 GEMMs on an H200, where keeping them bf16 made the
+step 1.4-1.5x faster (BENCHMARKS.md, "GPU"), and slow float32 kernels on CPU. Here the backward
+products take the forward's operand dtype, with float32 accumulation. On CPU, also, XLA gets the
+weight gradient of a [B, L, K] x [K, N] projection as a dot contracting over the rows (B, L),
+which it does not route to its fast matmul kernels: there every product is a (batched)
+[m, k] x [k, n] or [m, k] x [n, k]^T matmul, forward and backward, and a transpose the backward
+needs is materialised (a cheap copy) rather than folded into the dot. `matmul.custom_backward =
+False` leaves it all to autodiff.
 
 Precision, a gin binding read when the model is traced (`matmul.precision`):
 - 'default': operands in the layer's compute dtype (float32, or bfloat16 accumulating in
@@ -31,6 +35,12 @@ PRECISIONS = ("default", "mixed")
 @gin.configurable("matmul")
 def _configured(precision: str = "default", custom_backward: bool = True):
   return precision, custom_backward
+
+
+def _materialise_transposes() -> bool:
+  """Row-major transposes before the backward dots: a need of XLA's CPU kernels only (GPU and
+  TPU compilers fold a transpose into the dot's layout better than a copy would)."""
+  return _configured()[1] and jax.default_backend() == "cpu"
 
 
 def get_precision() -> str:
@@ -68,7 +78,7 @@ def _transpose(x, perm):
   dimension carried through the transpose and reshaped away gives the copy a row-major layout;
   the barrier keeps later passes from folding it back into the dot.
   """
-  if not _configured()[1]:
+  if not _materialise_transposes():
     return jnp.transpose(x, perm)
   n = x.ndim
   y = jnp.transpose(jnp.reshape(x, x.shape + (1,)), (perm[0], n) + tuple(perm[1:]))

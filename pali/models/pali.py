@@ -156,6 +156,15 @@ def build_model(config: PaliConfig | None = None) -> PaliModel:
   return PaliModel(config)
 
 
+def build_model_for_image_size(image_size: int) -> PaliModel:
+  """The gin-configured model with its learned position table sized for `image_size`."""
+  config = build_model().config
+  grid = image_size // config.vit.patch_size
+  if config.vit.posemb_grid != grid:
+    config = dataclasses.replace(config, vit=dataclasses.replace(config.vit, posemb_grid=grid))
+  return build_model(config)
+
+
 def num_image_tokens(config: PaliConfig, image_size) -> int:
   """Patch tokens per image at `image_size` (int or (h, w))."""
   h, w = (image_size, image_size) if isinstance(image_size, int) else image_size

@@ -97,7 +97,7 @@ def train(*, model_dir: str = gin.REQUIRED, mixture: str = gin.REQUIRED,
   from pali.models import pali as pali_model
 
   model_dir = checkpoints.absolute(model_dir) if model_dir else model_dir
-  model = model if model is not None else model_for_image_size(image_size)
+  model = model if model is not None else pali_model.build_model_for_image_size(image_size)
   try:
     mesh = partitioning.create_mesh()
     rules = partitioning.logical_axis_rules()
@@ -238,17 +238,6 @@ def train(*, model_dir: str = gin.REQUIRED, mixture: str = gin.REQUIRED,
     del batches
     result.state, result.step = state, step
     return result
-
-
-def model_for_image_size(image_size: int):
-  """The gin-configured model with its learned position table sized for `image_size`."""
-  from pali.models import pali as pali_model
-
-  config = pali_model.build_model().config
-  grid = image_size // config.vit.patch_size
-  if config.vit.posemb_grid != grid:
-    config = dataclasses.replace(config, vit=dataclasses.replace(config.vit, posemb_grid=grid))
-  return pali_model.build_model(config)
 
 
 def _save_config(model_dir: str) -> None:
