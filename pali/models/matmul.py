@@ -19,6 +19,13 @@ Precision, a gin binding read when the model is traced (`matmul.precision`):
   the parameters and the optimizer stay in the layer's dtype (float32 with DTYPE = 'float32').
   The whole gradient differs from float32's by 1.2-1.4% (relative L2; pali_small and the
   test model of tests/test_mixed_precision.py) and the loss curve tracks float32's.
+
+`matmul.split_weights` (projections only; attention has no weights): 'none' (default);
+'forward', the weight as two bf16 passes, hi = bf16(w) and lo = bf16(w - hi), in the forward
+product; 'both', also in the input gradient. Rounding the weights is most of mixed's gradient
+gap: on pali_small, batch 8, the whole gradient moves 1.30% (none), 0.74% (forward) and 0.51%
+(both) from float32's, for one (forward) or two (both) extra bf16 passes per projection
+(bench/grad_precision.py; step times in BENCHMARKS.md).
 """
 from __future__ import annotations
 
@@ -33,8 +40,19 @@ PRECISIONS = ("default", "mixed")
 
 
 @gin.configurable("matmul")
-def _configured(precision: str = "default", custom_backward: bool = True):
-  return precision, custom_backward
+def _configured(precision: str = "default", custom_backward: bool = True,
+                split_weights: str = "none"):
+  return precision, custom_backward, split_weights
+
+
+SPLITS = ("none", "forward", "both")
+
+
+def _split_weights() -> str:
+  split = _configured()[2]
+  if split not in SPLITS:
+    raise ValueError(f"matmul.split_weights={split!r} is not one of {SPLITS}.")
+  return split
 
 
 def _materialise_transposes() -> bool:
@@ -91,32 +109,53 @@ def _transposed(x):
   return _transpose(x, perm)
 
 
-def _matmul(a, b, b_transposed, op_dtype, out_dtype):
+def _hi_lo(w, op_dtype):
+  """w as a pair of op_dtype arrays whose float32 sum is w to ~2^-17 (bf16 keeps 8 bits)."""
+  hi = w.astype(op_dtype)
+  return hi, (w.astype(jnp.float32) - hi.astype(jnp.float32)).astype(op_dtype)
+
+
+def _dot_split(a, b, op_dtype, b_transposed: bool, split: bool):
+  """_dot, with b as two bf16 passes (hi + lo) when `split`."""
+  if not split:
+    return _dot(a, b, op_dtype, b_transposed)
+  hi, lo = _hi_lo(b, op_dtype)
+  return _dot(a, hi, op_dtype, b_transposed) + _dot(a, lo, op_dtype, b_transposed)
+
+
+def _matmul(a, b, b_transposed, op_dtype, out_dtype, split_b: str = "none"):
+  """a @ b (or b^T); `split_b` ('none', 'forward', 'both'): where b, a weight, is taken as
+  bf16 hi + lo (the forward product; 'both' also the input gradient)."""
+  if jnp.dtype(op_dtype) == jnp.dtype(b.dtype):
+    split_b = "none"  # b is exact in op_dtype already
   if _configured()[1]:
-    return _matmul_custom(a, b, b_transposed, op_dtype, out_dtype)
-  return _dot(a, b, op_dtype, b_transposed).astype(out_dtype)
+    return _matmul_custom(a, b, b_transposed, op_dtype, out_dtype, split_b)
+  return _dot_split(a, b, op_dtype, b_transposed, split_b != "none").astype(out_dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _matmul_custom(a, b, b_transposed, op_dtype, out_dtype):
-  return _dot(a, b, op_dtype, b_transposed).astype(out_dtype)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _matmul_custom(a, b, b_transposed, op_dtype, out_dtype, split_b):
+  return _dot_split(a, b, op_dtype, b_transposed, split_b != "none").astype(out_dtype)
 
 
-def _matmul_fwd(a, b, b_transposed, op_dtype, out_dtype):
-  ao, bo = a.astype(op_dtype), b.astype(op_dtype)  # residuals kept in the operand dtype
-  y = _dot(ao, bo, op_dtype, b_transposed).astype(out_dtype)
+def _matmul_fwd(a, b, b_transposed, op_dtype, out_dtype, split_b):
+  ao = a.astype(op_dtype)  # residuals kept in the operand dtype
+  y = _dot_split(ao, b, op_dtype, b_transposed, split_b != "none").astype(out_dtype)
+  # b's residual: exact (float32) where the input gradient splits it, else rounded.
+  bo = b if split_b == "both" else b.astype(op_dtype)
   # zero-size arrays carry the input dtypes to the backward pass.
   return y, (ao, bo, jnp.zeros((0,), a.dtype), jnp.zeros((0,), b.dtype))
 
 
-def _matmul_bwd(b_transposed, op_dtype, out_dtype, res, g):
+def _matmul_bwd(b_transposed, op_dtype, out_dtype, split_b, res, g):
   ao, bo, a_kind, b_kind = res
   g = g.astype(op_dtype)
+  split = split_b == "both"
   if b_transposed:  # y = a b^T: da = g b, db = g^T a
-    da = _dot(g, bo, op_dtype, b_transposed=False)
+    da = _dot_split(g, bo, op_dtype, False, split)
     db = _dot(_transposed(g), ao, op_dtype, b_transposed=False)
   else:  # y = a b: da = g b^T, db = a^T g
-    da = _dot(g, bo, op_dtype, b_transposed=True)
+    da = _dot_split(g, bo, op_dtype, True, split)
     db = _dot(_transposed(ao), g, op_dtype, b_transposed=False)
   return da.astype(a_kind.dtype), db.astype(b_kind.dtype)
 
@@ -135,7 +174,7 @@ def dense(x, kernel, axis: tuple[int, ...], dtype):
   feat_shape = kernel.shape[n:]
   k, f = int(np.prod(in_shape)), int(np.prod(feat_shape))
   y = _matmul(x.reshape(-1, k).astype(dtype), kernel.reshape(k, f), False,
-              operand_dtype(dtype), jnp.dtype(dtype))
+              operand_dtype(dtype), jnp.dtype(dtype), _split_weights())
   return y.reshape(batch_shape + feat_shape)
 
 

@@ -1,0 +1,102 @@
+r"""How far each matmul precision moves the gradient from float32's, on a benchmark shape.
+
+  python bench/grad_precision.py                       # pali_small, 224 px, batch 8
+  python bench/grad_precision.py --config gin_configs/models/pali_tiny.gin --image_size 64
+
+One random batch and one float32 initialisation; for each mode the whole gradient's relative
+L2 distance to the float32 gradient (`rel_l2`), its cosine, and the relative L2 of the ViT,
+encoder and decoder parts. Modes are gin bindings of pali/models/matmul.py: 'mixed' (bf16
+operands, float32 accumulation) and the same with the weights as bf16 hi + lo pairs in the
+forward product ('split forward') or also in the input gradient ('split both').
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench import common  # noqa: E402
+
+MODES = {
+    "float32": ["matmul.precision = 'default'"],
+    "mixed": ["matmul.precision = 'mixed'"],
+    "mixed, split forward": ["matmul.precision = 'mixed'", "matmul.split_weights = 'forward'"],
+    "mixed, split both": ["matmul.precision = 'mixed'", "matmul.split_weights = 'both'"],
+}
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--config", default="gin_configs/models/pali_small.gin")
+  p.add_argument("--batch", type=int, default=8)
+  p.add_argument("--image_size", type=int, default=224)
+  p.add_argument("--input_len", type=int, default=32)
+  p.add_argument("--target_len", type=int, default=32)
+  p.add_argument("--json", default=None, help="write the results here")
+  return p.parse_args(argv)
+
+
+def _rel(a, b) -> float:
+  import numpy as np
+  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def run(args) -> list[dict]:
+  import gin
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from bench import train_step
+  from pali.models import pali as pali_model
+  from pali.training import losses
+
+  args.max_images = 1
+  config_path = os.path.join(common.REPO_ROOT, args.config)
+  grads = {}
+  for mode, bindings in MODES.items():
+    gin.clear_config()
+    gin.parse_config_files_and_bindings([config_path], ["DTYPE = 'float32'"] + bindings)
+    model = pali_model.build_model_for_image_size(args.image_size)
+    batch = train_step.random_batch(args, model.config.t5.vocab_size)
+    params = jax.jit(lambda r: model.init(r, batch)["params"])(jax.random.key(0))
+
+    def loss(p):
+      logits = model.apply({"params": p}, batch)
+      total, _ = losses.compute_loss(logits, batch["decoder_target_tokens"],
+                                     batch["decoder_loss_weights"])
+      return total / jnp.sum(batch["decoder_loss_weights"])
+
+    # A fresh function per mode: jit caches traces per function, blind to gin.
+    g = jax.jit(jax.grad(lambda p: loss(p)))(params)
+    grads[mode] = {k: np.concatenate([np.ravel(np.asarray(x, np.float64))
+                                      for x in jax.tree.leaves(v)]) for k, v in g.items()}
+  ref = grads["float32"]
+  whole = lambda g: np.concatenate([g[k] for k in sorted(g)])  # noqa: E731
+  rows = []
+  for mode, g in grads.items():
+    if mode == "float32":
+      continue
+    a, b = whole(g), whole(ref)
+    rows.append({"mode": mode, "rel_l2": _rel(a, b),
+                 "cosine": float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b))),
+                 **{f"rel_l2_{k}": _rel(g[k], ref[k]) for k in ("vit", "encoder", "decoder")
+                    if k in g}})
+  return rows
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  rows = run(args)
+  print(common.format_table(rows))
+  machine = common.machine_info()
+  print(common.machine_line(machine))
+  common.write_json(args.json, {"benchmark": "grad_precision", "machine": machine,
+                                "config": args.config, "batch": args.batch, "results": rows})
+  return rows
+
+
+if __name__ == "__main__":
+  main()
