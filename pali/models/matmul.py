@@ -25,7 +25,8 @@ Precision, a gin binding read when the model is traced (`matmul.precision`):
 product; 'both', also in the input gradient. Rounding the weights is most of mixed's gradient
 gap: on pali_small, batch 8, the whole gradient moves 1.30% (none), 0.74% (forward) and 0.51%
 (both) from float32's, for one (forward) or two (both) extra bf16 passes per projection
-(bench/grad_precision.py; step times in BENCHMARKS.md).
+(bench/grad_precision.py; step times in BENCHMARKS.md). Under `custom_backward = False`
+autodiff differentiates both passes, so 'forward' acts as 'both'.
 """
 from __future__ import annotations
 
