@@ -20,7 +20,8 @@ Precision, a gin binding read when the model is traced (`matmul.precision`):
   The whole gradient differs from float32's by 1.2-1.4% (relative L2; pali_small and the
   test model of tests/test_mixed_precision.py) and the loss curve tracks float32's.
 
-`matmul.split_weights` (projections only; attention has no weights): 'none' (default);
+`matmul.split_weights` (projections whose float32 weights meet bf16 operands: mixed, or
+DTYPE = 'bfloat16'; attention has no weights): 'none' (default);
 'forward', the weight as two bf16 passes, hi = bf16(w) and lo = bf16(w - hi), in the forward
 product; 'both', also in the input gradient. Rounding the weights is most of mixed's gradient
 gap: on pali_small, batch 8, the whole gradient moves 1.30% (none), 0.74% (forward) and 0.51%
