@@ -6,17 +6,18 @@
 # Runs on the GPU machine's own JAX (no venv there): gin-config, which it lacks, comes from
 # wheels in .whl/ when present (`pip download --no-deps --only-binary=:all: -d .whl
 # gin-config==0.5.0`; flax/optax wheels in .whl/alt/ are the fallback when the machine's do
-# not fit this code). With the device tool: run with carry [".whl"]. Each run is a separate process under a time limit, so an
-# out-of-memory batch costs one row, not the suite. Rows: the bfloat16 matmul ceiling, then
+# not fit this code). With the device tool: run with carry [".whl"]. Each run is a separate
+# process under a time limit, so an out-of-memory batch costs one row, not the suite. Rows: the bfloat16 matmul ceiling, then
 # bench/train_step.py for RUNS (config dtype batch remat), largest expected MFU first.
 set -u
 OUT=${OUT:-/tmp/gpu_suite}
 rm -rf /tmp/gpu_rows; mkdir -p "$OUT" /tmp/gpu_rows
 cd "$(dirname "$0")/.."
-if ls .whl/*.whl >/dev/null 2>&1; then
+install_wheels() {  # the wheels in folder $1 onto PYTHONPATH
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
+    --target /tmp/site "$1"/*.whl && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+}
+if ls .whl/*.whl >/dev/null 2>&1; then install_wheels .whl; fi
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
 LOG="$OUT/log.txt"
 {
@@ -33,8 +34,7 @@ smoke() {
 if ! smoke; then
   tail -n 15 /tmp/smoke.txt | tee -a "$LOG"
   echo "smoke failed: retrying with .whl/alt" | tee -a "$LOG"
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/alt/*.whl && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  install_wheels .whl/alt
   smoke || { tail -n 30 /tmp/smoke.txt | tee -a "$LOG"; exit 1; }
 fi
 echo "smoke ok" | tee -a "$LOG"

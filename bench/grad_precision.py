@@ -54,21 +54,23 @@ def run(args) -> list[dict]:
   from pali.training import losses
 
   args.max_images = 1
-  config_path = os.path.join(common.REPO_ROOT, args.config)
+  gin.clear_config()
+  gin.parse_config_files_and_bindings([os.path.join(common.REPO_ROOT, args.config)],
+                                      ["DTYPE = 'float32'"], finalize_config=False)
+  model = pali_model.build_model_for_image_size(args.image_size)
+  batch = train_step.random_batch(args, model.config.t5.vocab_size)
+  params = jax.jit(lambda r: model.init(r, batch)["params"])(jax.random.key(0))
+
+  def loss(p):
+    logits = model.apply({"params": p}, batch)
+    total, _ = losses.compute_loss(logits, batch["decoder_target_tokens"],
+                                   batch["decoder_loss_weights"])
+    return total / jnp.sum(batch["decoder_loss_weights"])
+
   grads = {}
   for mode, bindings in MODES.items():
-    gin.clear_config()
-    gin.parse_config_files_and_bindings([config_path], ["DTYPE = 'float32'"] + bindings)
-    model = pali_model.build_model_for_image_size(args.image_size)
-    batch = train_step.random_batch(args, model.config.t5.vocab_size)
-    params = jax.jit(lambda r: model.init(r, batch)["params"])(jax.random.key(0))
-
-    def loss(p):
-      logits = model.apply({"params": p}, batch)
-      total, _ = losses.compute_loss(logits, batch["decoder_target_tokens"],
-                                     batch["decoder_loss_weights"])
-      return total / jnp.sum(batch["decoder_loss_weights"])
-
+    gin.parse_config(["matmul.precision = 'default'", "matmul.split_weights = 'none'"]
+                     + bindings)  # matmul reads these when the loss is traced
     # A fresh function per mode: jit caches traces per function, blind to gin.
     g = jax.jit(jax.grad(lambda p: loss(p)))(params)
     grads[mode] = {k: np.concatenate([np.ravel(np.asarray(x, np.float64))
