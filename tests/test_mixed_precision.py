@@ -41,6 +41,39 @@ def test_dense_matches_autodiff_in_float32(axis, x_shape, w_shape):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("bias_shape", [(1, 3, 5, 7), (3, 5, 7), (1, 1, 5, 7), (2, 3, 5, 7)])
+def test_add_broadcast_gradient_equals_autodiff_and_sums_by_a_dot(bias_shape):
+  # The bias gradient (a sum over the batch) is a [1, rows] x [rows, rest] product on CPU:
+  # XLA:CPU's reductions over a leading axis ran ~40x slower (BENCHMARKS.md, "Training step").
+  x, bias, cot = _rand(0, (2, 3, 5, 7)), _rand(1, bias_shape), _rand(2, (2, 3, 5, 7))
+  ours = jax.vjp(matmul.add_broadcast, x, bias)
+  ref = jax.vjp(lambda x, b: x + b, x, bias)
+  np.testing.assert_allclose(ours[0], ref[0], rtol=1e-6)
+  for a, b in zip(ours[1](cot), ref[1](cot)):
+    assert a.shape == b.shape
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  hlo = jax.jit(jax.grad(lambda b: jnp.sum(matmul.add_broadcast(x, b) * cot))).lower(
+      bias).as_text()
+  summed = bias_shape != x.shape
+  assert ("dot_general" in hlo) == summed and "reduce" not in hlo, hlo
+
+
+def test_add_broadcast_refuses_a_bias_that_broadcasts_inside():
+  with pytest.raises(ValueError, match="trailing"):
+    jax.vjp(matmul.add_broadcast, _rand(0, (2, 3, 5)), _rand(1, (2, 1, 5)))
+
+
+def test_float32_dots_take_transposes_unmaterialised_on_cpu():
+  # Only 16-bit dots need row-major copies of their transposed operands on CPU; for float32
+  # the copies cost the pali_small step 3.5% (BENCHMARKS.md, "Training step").
+  x, w = _rand(0, (4, 16, 32)), _rand(1, (32, 24))
+  for dtype, barrier in ((jnp.float32, False), (jnp.bfloat16, True)):
+    f = lambda x, w, d=dtype: jnp.sum(matmul.dense(x.astype(d), w, (-1,), d).astype(  # noqa
+        jnp.float32) ** 2)
+    hlo = jax.jit(jax.grad(f, argnums=(0, 1))).lower(x, w).as_text()
+    assert ("optimization_barrier" in hlo) == barrier
+
+
 def test_custom_backward_off_gives_the_same_model_gradients():
   # matmul.custom_backward = False leaves the backward to autodiff (faster on some CPUs).
   model = trainer_fixtures.tiny_model()
@@ -71,7 +104,7 @@ def test_bfloat16_backward_dots_stay_bfloat16_with_or_without_materialised_trans
 
   results = {}
   for materialise in (True, False):
-    monkeypatch.setattr(matmul, "_materialise_transposes", lambda m=materialise: m)
+    monkeypatch.setattr(matmul, "_materialise_transposes", lambda _op, m=materialise: m)
     # A fresh function each time: jit caches traces per function, blind to the patch.
     grad = jax.grad(lambda *a: f(*a), argnums=(0, 1, 2, 3))
     hlo = jax.jit(grad).lower(x, w, q, k).as_text()

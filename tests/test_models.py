@@ -364,6 +364,18 @@ def test_relative_position_buckets_match_t5():
   np.testing.assert_array_equal(np.asarray(causal), [0, 1, 0, 7, 8, 31, 0])
 
 
+def test_relative_position_bias_is_the_table_at_each_bucket():
+  # The bias is a one-hot product (its gradient a small matmul, not a scatter-add).
+  relpos = layers.RelativePositionBiases(num_heads=3, num_buckets=32, max_distance=128)
+  q, k = jnp.arange(5), jnp.arange(9)
+  variables = nn.meta.unbox(relpos.init(jax.random.key(0), q, k, bidirectional=True))
+  bias = relpos.apply(variables, q, k, bidirectional=True)
+  table = np.asarray(variables["params"]["rel_embedding"])
+  buckets = np.asarray(layers.relative_position_bucket(k[None, :] - q[:, None], True, 32, 128))
+  assert bias.shape == (1, 3, 5, 9)
+  np.testing.assert_array_equal(np.asarray(bias)[0], table[:, buckets])
+
+
 def test_config_errors_name_the_value():
   with pytest.raises(ValueError, match="posemb"):
     vit.ViTConfig(posemb="sincos")

@@ -32,6 +32,7 @@ autodiff differentiates both passes, so 'forward' acts as 'both'.
 from __future__ import annotations
 
 import functools
+import itertools
 
 import gin
 import jax
@@ -57,10 +58,12 @@ def _split_weights() -> str:
   return split
 
 
-def _materialise_transposes() -> bool:
-  """Row-major transposes before the backward dots: a need of XLA's CPU kernels only (GPU and
-  TPU compilers fold a transpose into the dot's layout better than a copy would)."""
-  return _configured()[1] and jax.default_backend() == "cpu"
+def _materialise_transposes(op_dtype) -> bool:
+  """Row-major transposes before 16-bit dots: a need of XLA's CPU kernels only (GPU and TPU
+  compilers fold a transpose into the dot's layout better than a copy would; float32 dots take
+  the folded transpose on CPU too, and the copies made the float32 step 3.5% slower)."""
+  return (_configured()[1] and jax.default_backend() == "cpu"
+          and jnp.dtype(op_dtype).itemsize == 2)
 
 
 def get_precision() -> str:
@@ -89,8 +92,8 @@ def _dot(a, b, op_dtype, b_transposed: bool):
                              preferred_element_type=_acc(op_dtype))
 
 
-def _transpose(x, perm):
-  """`jnp.transpose(x, perm)` materialised in row-major order.
+def _transpose(x, perm, op_dtype):
+  """`jnp.transpose(x, perm)`, materialised in row-major order for a dot in `op_dtype`.
 
   XLA's CPU backend hands a bfloat16 -> float32 dot to its fast YNNPACK kernels only when both
   operands are row-major; a plain transpose reaches the dot as a column-major view (or gets
@@ -98,7 +101,7 @@ def _transpose(x, perm):
   dimension carried through the transpose and reshaped away gives the copy a row-major layout;
   the barrier keeps later passes from folding it back into the dot.
   """
-  if not _materialise_transposes():
+  if not _materialise_transposes(op_dtype):
     return jnp.transpose(x, perm)
   n = x.ndim
   y = jnp.transpose(jnp.reshape(x, x.shape + (1,)), (perm[0], n) + tuple(perm[1:]))
@@ -106,9 +109,9 @@ def _transpose(x, perm):
 
 
 def _transposed(x):
-  """x with its last two dims swapped, materialised (see `_transpose`)."""
+  """x with its last two dims swapped, materialised for a dot in x's dtype (`_transpose`)."""
   perm = tuple(range(x.ndim - 2)) + (x.ndim - 1, x.ndim - 2)
-  return _transpose(x, perm)
+  return _transpose(x, perm, x.dtype)
 
 
 def _hi_lo(w, op_dtype):
@@ -183,12 +186,58 @@ def dense(x, kernel, axis: tuple[int, ...], dtype):
 def attention_logits(q, k, dtype=jnp.float32):
   """q [B, Lq, H, D], k [B, Lk, H, D] -> q.k logits [B, H, Lq, Lk] in `dtype`."""
   # Transposed in their own dtype: their gradients come back in it, not rounded to bf16.
-  qh, kh = (_transpose(t, (0, 2, 1, 3)) for t in (q, k))
-  return _matmul(qh, kh, True, operand_dtype(q.dtype), jnp.dtype(dtype))
+  op = operand_dtype(q.dtype)
+  qh, kh = (_transpose(t, (0, 2, 1, 3), op) for t in (q, k))
+  return _matmul(qh, kh, True, op, jnp.dtype(dtype))
 
 
 def attention_combine(weights, v, dtype):
   """weights [B, H, Lq, Lk], v [B, Lk, H, D] -> weighted values [B, Lq, H, D] in `dtype`."""
-  vh = _transpose(v, (0, 2, 1, 3))
-  out = _matmul(weights, vh, False, operand_dtype(v.dtype), jnp.dtype(dtype))
-  return _transpose(out, (0, 2, 1, 3))  # so that its gradient reaches the dots row-major
+  op = operand_dtype(v.dtype)
+  vh = _transpose(v, (0, 2, 1, 3), op)
+  out = _matmul(weights, vh, False, op, jnp.dtype(dtype))
+  return _transpose(out, (0, 2, 1, 3), op)  # so that its gradient reaches the dots row-major
+
+
+def _sum_leading(g, n: int):
+  """g summed over its first n axes, as a [1, rows] x [rows, rest] product on CPU.
+
+  XLA:CPU's YNNPACK reduction over a leading axis is ~40x slower than this matrix-vector
+  product when the kept part is wide (a [64, 311904] sum: 108 ms against 2.3 ms; BENCHMARKS.md,
+  "Training step"); other backends get a plain sum.
+  """
+  if n == 0:
+    return g
+  if not (_configured()[1] and jax.default_backend() == "cpu"):
+    return jnp.sum(g, axis=tuple(range(n)))
+  rows = int(np.prod(g.shape[:n]))
+  ones = jnp.ones((1, rows), g.dtype)
+  out = jax.lax.dot_general(ones, g.reshape(rows, -1), (((1,), (0,)), ((), ())),
+                            precision=jax.lax.Precision.HIGHEST)
+  return out.reshape(g.shape[n:])
+
+
+@jax.custom_vjp
+def add_broadcast(x, bias):
+  """x + bias, bias [1, .., 1, rest] broadcasting over x's leading axes (an attention bias
+  shared by the batch); its gradient sums over them with `_sum_leading`."""
+  return x + bias.astype(x.dtype)
+
+
+def _add_broadcast_fwd(x, bias):
+  lead = x.ndim - bias.ndim + sum(1 for _ in itertools.takewhile(lambda d: d == 1, bias.shape))
+  if bias.shape[lead - (x.ndim - bias.ndim):] != x.shape[lead:]:
+    raise ValueError(f"add_broadcast: bias {bias.shape} must be [1, .., 1] + the trailing "
+                     f"dims of x {x.shape}.")
+  # A zero-size residual carries the bias's shape and dtype to the backward pass.
+  return add_broadcast(x, bias), jnp.zeros(bias.shape + (0,), bias.dtype)
+
+
+def _add_broadcast_bwd(bias_like, g):
+  bias_shape = bias_like.shape[:-1]
+  lead = g.ndim - len(bias_shape) + sum(
+      1 for _ in itertools.takewhile(lambda d: d == 1, bias_shape))
+  return g, _sum_leading(g, lead).reshape(bias_shape).astype(bias_like.dtype)
+
+
+add_broadcast.defvjp(_add_broadcast_fwd, _add_broadcast_bwd)
