@@ -7,9 +7,12 @@ step 1.4-1.5x faster (BENCHMARKS.md, "GPU"), and slow float32 kernels on CPU. He
 products take the forward's operand dtype, with float32 accumulation. On CPU, also, XLA gets the
 weight gradient of a [B, L, K] x [K, N] projection as a dot contracting over the rows (B, L),
 which it does not route to its fast matmul kernels: there every product is a (batched)
-[m, k] x [k, n] or [m, k] x [n, k]^T matmul, forward and backward, and a transpose the backward
-needs is materialised (a cheap copy) rather than folded into the dot. `matmul.custom_backward =
-False` leaves it all to autodiff.
+[m, k] x [k, n] or [m, k] x [n, k]^T matmul, forward and backward, and a transpose a 16-bit
+dot needs is materialised (a cheap copy) rather than folded into the dot (float32 dots take the
+folded transpose well). `matmul.custom_backward = False` leaves it all to autodiff.
+
+`add_broadcast` adds an attention bias shared by the batch; on CPU its gradient's batch sum is
+a product with a ones vector, because XLA:CPU ran that reduction ~40x slower.
 
 Precision, a gin binding read when the model is traced (`matmul.precision`):
 - 'default': operands in the layer's compute dtype (float32, or bfloat16 accumulating in
