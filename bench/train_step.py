@@ -59,18 +59,20 @@ def random_batch(args, vocab_size: int):
   }
 
 
-def run(args) -> dict:
+def compile_step(args):
+  """The trainer's step for `args` (config, dtype, gin_bindings, batch shapes), jitted with its
+  shardings and donated state, compiled: a namespace of compiled, state, batch, rng, model,
+  host (the numpy batch), compile_s. Gin is cleared and re-parsed: compile one variant at a
+  time (the model reads its gin bindings when traced)."""
   import time
+  import types
 
   import flax.linen as nn
   import gin
   import jax
-  import numpy as np
 
-  from pali import flops, partitioning
-  from pali.models import matmul
+  from pali import partitioning
   from pali.models import pali as pali_model
-  from pali.training import mfu
   from pali.training import optimizer as optimizer_lib
   from pali.training import step as step_lib
   from pali.training import train_state as train_state_lib
@@ -80,12 +82,11 @@ def run(args) -> dict:
                                                                             args.config)
   bindings = [f"DTYPE = '{'bfloat16' if args.dtype == 'bfloat16' else 'float32'}'",
               f"matmul.precision = '{'mixed' if args.dtype == 'mixed' else 'default'}'"]
-  gin.parse_config_files_and_bindings([config_path], bindings + args.gin_bindings)
+  gin.parse_config_files_and_bindings([config_path], bindings + list(args.gin_bindings))
   model = pali_model.build_model_for_image_size(args.image_size)
-  cfg = model.config
   mesh = partitioning.create_mesh()
   rules = partitioning.logical_axis_rules()
-  host = random_batch(args, cfg.t5.vocab_size)
+  host = random_batch(args, model.config.t5.vocab_size)
   schedule = optimizer_lib.learning_rate_schedule()
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     tx, _, shardings = train_state_lib.abstract_state(
@@ -101,31 +102,47 @@ def run(args) -> dict:
     t0 = time.perf_counter()
     compiled = jitted.lower(state, batch, rng).compile()
     compile_s = time.perf_counter() - t0
-    memory = compiled.memory_analysis()  # XLA's buffer plan: state, batch and temporaries
+  return types.SimpleNamespace(compiled=compiled, state=state, batch=batch, rng=rng,
+                               model=model, host=host, compile_s=compile_s)
 
-    losses = []
 
-    def one_step():
-      nonlocal state
-      state, metrics = compiled(state, batch, rng)
-      losses.append(float(metrics["loss"]))  # blocks until the step is done
+def run(args) -> dict:
+  import jax
+  import numpy as np
 
-    cpu0 = os.times()
-    times = common.time_calls(one_step, args.steps, warmup=args.warmup)
-    cpu1 = os.times()
-    # CPU seconds this process used per step (warm-up included): a load-independent proxy
-    # for the work done when other jobs share the cores.
-    cpu_per_step = ((cpu1.user + cpu1.system) - (cpu0.user + cpu0.system)) / (
-        args.steps + args.warmup)
-    profile = None
-    if args.profile:
-      from bench import profile_summary
-      with jax.profiler.trace(args.profile, create_perfetto_trace=True):
-        for _ in range(2):
-          one_step()
-      with open(os.path.join(args.profile, "step.hlo.txt"), "w") as fh:
-        fh.write(compiled.as_text())  # names the ops of the trace (profile_summary.by_op)
-      profile = profile_summary.summarise(args.profile, steps=2)
+  from pali import flops
+  from pali.models import matmul
+  from pali.models import pali as pali_model
+  from pali.training import mfu
+
+  built = compile_step(args)
+  cfg, host, compile_s = built.model.config, built.host, built.compile_s
+  compiled, state, batch, rng = built.compiled, built.state, built.batch, built.rng
+  memory = compiled.memory_analysis()  # XLA's buffer plan: state, batch and temporaries
+
+  losses = []
+
+  def one_step():
+    nonlocal state
+    state, metrics = compiled(state, batch, rng)
+    losses.append(float(metrics["loss"]))  # blocks until the step is done
+
+  cpu0 = os.times()
+  times = common.time_calls(one_step, args.steps, warmup=args.warmup)
+  cpu1 = os.times()
+  # CPU seconds this process used per step (warm-up included): a load-independent proxy
+  # for the work done when other jobs share the cores.
+  cpu_per_step = ((cpu1.user + cpu1.system) - (cpu0.user + cpu0.system)) / (
+      args.steps + args.warmup)
+  profile = None
+  if args.profile:
+    from bench import profile_summary
+    with jax.profiler.trace(args.profile, create_perfetto_trace=True):
+      for _ in range(2):
+        one_step()
+    with open(os.path.join(args.profile, "step.hlo.txt"), "w") as fh:
+      fh.write(compiled.as_text())  # names the ops of the trace (profile_summary.by_op)
+    profile = profile_summary.summarise(args.profile, steps=2)
 
   shapes = flops.BatchShapes.from_batch(host)
   step_flops = flops.train_step_flops(cfg, shapes)
