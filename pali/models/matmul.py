@@ -227,8 +227,15 @@ def add_broadcast(x, bias):
   return x + bias.astype(x.dtype)
 
 
+def _broadcast_lead(x_ndim: int, bias_shape) -> int:
+  """How many leading axes of x a bias of `bias_shape` ([1, .., 1] + x's trailing dims) spans
+  by broadcasting: x's extra axes plus the bias's leading unit axes."""
+  return x_ndim - len(bias_shape) + sum(
+      1 for _ in itertools.takewhile(lambda d: d == 1, bias_shape))
+
+
 def _add_broadcast_fwd(x, bias):
-  lead = x.ndim - bias.ndim + sum(1 for _ in itertools.takewhile(lambda d: d == 1, bias.shape))
+  lead = _broadcast_lead(x.ndim, bias.shape)
   if bias.shape[lead - (x.ndim - bias.ndim):] != x.shape[lead:]:
     raise ValueError(f"add_broadcast: bias {bias.shape} must be [1, .., 1] + the trailing "
                      f"dims of x {x.shape}.")
@@ -238,9 +245,7 @@ def _add_broadcast_fwd(x, bias):
 
 def _add_broadcast_bwd(bias_like, g):
   bias_shape = bias_like.shape[:-1]
-  lead = g.ndim - len(bias_shape) + sum(
-      1 for _ in itertools.takewhile(lambda d: d == 1, bias_shape))
-  return g, _sum_leading(g, lead).reshape(bias_shape).astype(bias_like.dtype)
+  return g, _sum_leading(g, _broadcast_lead(g.ndim, bias_shape)).reshape(bias_shape).astype(bias_like.dtype)
 
 
 add_broadcast.defvjp(_add_broadcast_fwd, _add_broadcast_bwd)
