@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pali.models import matmul
+from pali.models import normalise
 
 Array = jax.Array
 Dtype = Any
@@ -121,10 +122,7 @@ class LayerNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    x32 = x.astype(jnp.float32)
-    mean = jnp.mean(x32, axis=-1, keepdims=True)
-    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
-    y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon)
+    y = normalise.standardise(x, self.epsilon)  # its backward written out: see normalise
     feat = (x.shape[-1],)
     y = y * self.param("scale", nn.with_logical_partitioning(nn.initializers.ones,
                                                              (self.axis_name,)),
