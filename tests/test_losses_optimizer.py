@@ -23,6 +23,18 @@ def test_cross_entropy_and_z_loss_by_hand():
   assert float(m["weight_sum"]) == 1.5
 
 
+def test_correct_is_argmax_with_ties_counted_wrong():
+  logits = jnp.array([[[0.0, 3.0, 1.0],     # target 1 is the unique max: right
+                       [0.0, 3.0, 3.0],     # target 1 ties with 2: wrong (argmax would say right)
+                       [2.0, 2.0, 2.0],     # all equal, target 0: wrong
+                       [5.0, -1.0, 4.9],    # target 2 is second: wrong
+                       [-7.0, -8.0, -6.5]]])  # all negative, target 2 is max: right
+  targets = jnp.array([[1, 1, 0, 2, 2]])
+  weights = jnp.array([[1.0, 1.0, 1.0, 1.0, 0.25]])
+  _, m = losses.compute_loss(logits, targets, weights)
+  assert float(m["correct"]) == 1.25
+
+
 def test_label_smoothing_perfect_prediction_scores_zero():
   # With smoothing s over V classes, the optimum distribution is the smoothed target itself.
   v, s = 4, 0.1
