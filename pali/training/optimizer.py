@@ -14,6 +14,8 @@ import gin
 import jax
 import optax
 
+from pali.training import adafactor
+
 
 @gin.configurable
 def learning_rate_schedule(name: str = "rsqrt", *, base_learning_rate: float = 1e-2,
@@ -114,8 +116,8 @@ def create_optimizer(params, *, name: str = "adafactor", schedule: optax.Schedul
   big_vision's `lr_mults`)."""
   schedule = schedule if schedule is not None else learning_rate_schedule()
   if name == "adafactor":
-    tx = optax.adafactor(
-        learning_rate=schedule, decay_rate=adafactor_decay_rate, momentum=adafactor_momentum,
+    tx = adafactor.adafactor(  # optax's, with rsqrt for its v ** -0.5 (see adafactor.py)
+        schedule, decay_rate=adafactor_decay_rate, momentum=adafactor_momentum,
         multiply_by_parameter_scale=True, clipping_threshold=1.0, factored=adafactor_factored,
         weight_decay_rate=weight_decay or None)
   elif name == "adamw":

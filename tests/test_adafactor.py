@@ -1,0 +1,66 @@
+"""pali.training.adafactor is optax.adafactor with rsqrt: same updates, same state tree."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from pali.training import adafactor
+
+SHAPES = {
+    "kernel": (160, 130),         # factored: v_row [160], v_col [130]
+    "wide": (130, 160),           # factored the other way round
+    "heads": (160, 6, 64),        # head_dim under 128: unfactored, like pali_small's kernels
+    "stacked": (3, 200, 130),     # factored with a leading batch axis
+    "bias": (7,),                 # 1-D: unfactored
+}
+
+
+def _params():
+  keys = jax.random.split(jax.random.key(0), len(SHAPES))
+  return {n: jax.random.normal(k, s) for (n, s), k in zip(SHAPES.items(), keys)}
+
+
+def _grads(step, params):
+  keys = jax.random.split(jax.random.key(100 + step), len(params))
+  return {n: jax.random.normal(k, p.shape) * (1 + step) for (n, p), k in zip(params.items(), keys)}
+
+
+@pytest.mark.parametrize("kwargs", [
+    {},
+    {"momentum": 0.9, "weight_decay_rate": 1e-3},
+    {"factored": False, "clipping_threshold": None, "multiply_by_parameter_scale": False},
+])
+def test_updates_and_state_equal_optax(kwargs):
+  sched = optax.linear_schedule(0.01, 0.001, 10)
+  ours = adafactor.adafactor(sched, **kwargs)
+  theirs = optax.adafactor(learning_rate=sched, **kwargs)
+  params = _params()
+  s_ours, s_theirs = ours.init(params), theirs.init(params)
+  assert jax.tree.structure(s_ours) == jax.tree.structure(s_theirs)
+  assert jax.tree.map(jnp.shape, s_ours) == jax.tree.map(jnp.shape, s_theirs)
+  p_ours = p_theirs = params
+  for step in range(4):
+    g = _grads(step, params)
+    u_ours, s_ours = jax.jit(ours.update)(g, s_ours, p_ours)
+    u_theirs, s_theirs = jax.jit(theirs.update)(g, s_theirs, p_theirs)
+    for a, b in zip(jax.tree.leaves((u_ours, s_ours)), jax.tree.leaves((u_theirs, s_theirs))):
+      np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-9)
+    p_ours, p_theirs = optax.apply_updates(p_ours, u_ours), optax.apply_updates(p_theirs, u_theirs)
+
+
+def test_no_power_op_is_left_for_the_second_moments():
+  params = _params()
+  tx = adafactor.adafactor(1e-2)
+  hlo = jax.jit(tx.update).lower(_grads(0, params), tx.init(params), params).as_text()
+  # The only power left is the scalar decay schedule (t + 1)^-0.8.
+  powers = [line for line in hlo.splitlines() if "stablehlo.power" in line]
+  assert powers and all("tensor<f32>" in line and "x" not in line.split(":")[-1]
+                        for line in powers), powers
+
+
+def test_missing_params_are_refused():
+  tx = adafactor.adafactor(1e-2)
+  params = _params()
+  with pytest.raises(ValueError, match="params"):
+    tx.update(_grads(0, params), tx.init(params))
