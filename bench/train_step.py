@@ -6,8 +6,10 @@ r"""Benchmarks one training step: median step time, examples/s, tokens/s, GFLOP/
 
 The step is the trainer's own (pali.training.step, sharded state, donated, jitted with the
 trainer's shardings) on a random batch already on the device, so it measures compute only.
-Compile time is reported apart. MFU uses pali.flops and pali.training.mfu's peak (on CPU a
-large matmul in the run's matmul dtype, measured at start-up).
+Compile time is reported apart. MFU uses pali.flops and pali.training.mfu's peak: on an
+accelerator the data sheet's; on CPU a 2048^3 matmul in the run's matmul dtype timed after
+every step, MFU being the median over steps of (step FLOP/s / that moment's peak), because
+these CPUs drift by up to 15% within minutes.
 
 --dtype: float32 (DTYPE float32), bfloat16 (DTYPE bfloat16: bf16 activations, float32
 parameters) or mixed (DTYPE float32 and `matmul.precision = 'mixed'`: bf16 matmul operands
@@ -107,6 +109,8 @@ def compile_step(args):
 
 
 def run(args) -> dict:
+  import time
+
   import jax
   import numpy as np
 
@@ -127,13 +131,26 @@ def run(args) -> dict:
     state, metrics = compiled(state, batch, rng)
     losses.append(float(metrics["loss"]))  # blocks until the step is done
 
-  cpu0 = os.times()
-  times = common.time_calls(one_step, args.steps, warmup=args.warmup)
-  cpu1 = os.times()
-  # CPU seconds this process used per step (warm-up included): a load-independent proxy
-  # for the work done when other jobs share the cores.
-  cpu_per_step = ((cpu1.user + cpu1.system) - (cpu0.user + cpu0.system)) / (
-      args.steps + args.warmup)
+  # On CPU each timed step is followed by a 2048^3 matmul in the run's dtype (best of 3): the
+  # machine's speed drifts within minutes, so each step is set against the peak of its moment
+  # and MFU is the median of those ratios.
+  on_cpu = jax.devices()[0].platform == "cpu"
+  matmul_dtype = mfu.run_matmul_dtype(cfg)
+  peak_meter = mfu.cpu_matmul_meter(matmul_dtype) if on_cpu else None
+  for _ in range(args.warmup):
+    one_step()
+  times, peaks, cpu_s = [], [], 0.0
+  for _ in range(args.steps):
+    cpu0, t0 = os.times(), time.perf_counter()
+    one_step()
+    times.append(time.perf_counter() - t0)
+    cpu1 = os.times()
+    # CPU seconds this process used per step: a load-independent proxy for the work done
+    # when other jobs share the cores.
+    cpu_s += (cpu1.user + cpu1.system) - (cpu0.user + cpu0.system)
+    if peak_meter is not None:
+      peaks.append(peak_meter(3))
+  cpu_per_step = cpu_s / args.steps
   profile = None
   if args.profile:
     from bench import profile_summary
@@ -146,10 +163,13 @@ def run(args) -> dict:
 
   shapes = flops.BatchShapes.from_batch(host)
   step_flops = flops.train_step_flops(cfg, shapes)
-  matmul_dtype = mfu.run_matmul_dtype(cfg)
-  peak = mfu.measure_cpu_peak_flops(matmul_dtype) if jax.devices()[0].platform == "cpu" else (
-      mfu.peak_flops_per_device(matmul_dtype) * jax.device_count())
   med = common.median(times)
+  if on_cpu:
+    peak = common.median(peaks)
+    step_mfu = common.median([step_flops / t / p for t, p in zip(times, peaks)])
+  else:
+    peak = mfu.peak_flops_per_device(matmul_dtype) * jax.device_count()
+    step_mfu = step_flops / med / peak
   tokens = args.batch * (args.max_images * pali_model.num_image_tokens(cfg, args.image_size)
                          + args.input_len + args.target_len)
   return {
@@ -163,7 +183,8 @@ def run(args) -> dict:
       "examples_per_s": args.batch / med, "tokens_per_s": tokens / med,
       "gflop_per_step": step_flops / 1e9, "achieved_gflop_per_s": step_flops / med / 1e9,
       "peak_matmul_dtype": matmul_dtype, "peak_gflop_per_s": peak / 1e9,
-      "mfu": step_flops / med / peak, "loss_first": losses[0], "loss_last": losses[-1],
+      "mfu": step_mfu, "peak_gflop_per_s_each_step": [p / 1e9 for p in peaks],
+      "loss_first": losses[0], "loss_last": losses[-1],
       "params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(state.params))),
       "xla_argument_gib": getattr(memory, "argument_size_in_bytes", 0) / 2 ** 30,
       "xla_temp_gib": getattr(memory, "temp_size_in_bytes", 0) / 2 ** 30,

@@ -43,12 +43,12 @@ def accelerator_peak_flops(device_kind: str) -> float | None:
   return None
 
 
-@functools.lru_cache(maxsize=None)
-def measure_cpu_peak_flops(matmul_dtype: str = "float32", n: int = 2048, reps: int = 5) -> float:
-  """FLOP/s of a jitted n^3 matmul on the CPU (best of `reps`), cached per process.
+def cpu_matmul_meter(matmul_dtype: str = "float32", n: int = 2048):
+  """A function reps -> FLOP/s of a jitted n^3 matmul on the CPU (best of `reps`), compiled once.
 
   'float32': f32 x f32 -> f32; 'bfloat16': bf16 x bf16 -> bf16; 'mixed': bf16 x bf16 with
-  float32 accumulation and output (what the mixed-precision matmuls of the model run).
+  float32 accumulation and output (what the mixed-precision matmuls of the model run). Calling
+  it again re-measures: a benchmark can pair each timed step with the peak of that moment.
   """
   if matmul_dtype not in MATMUL_DTYPES:
     raise ValueError(f"matmul_dtype={matmul_dtype!r}: use one of {MATMUL_DTYPES}.")
@@ -63,12 +63,23 @@ def measure_cpu_peak_flops(matmul_dtype: str = "float32", n: int = 2048, reps: i
     a = a.astype(in_dtype)
     mm = jax.jit(lambda x, y: jnp.matmul(x, y, preferred_element_type=out_dtype))
     mm(a, a).block_until_ready()
+
+  def measure(reps: int = 5) -> float:
     best = float("inf")
     for _ in range(reps):
       t0 = time.perf_counter()
       mm(a, a).block_until_ready()
       best = min(best, time.perf_counter() - t0)
-  return 2.0 * n ** 3 / best
+    return 2.0 * n ** 3 / best
+
+  return measure
+
+
+@functools.lru_cache(maxsize=None)
+def measure_cpu_peak_flops(matmul_dtype: str = "float32", n: int = 2048, reps: int = 5) -> float:
+  """FLOP/s of a jitted n^3 matmul on the CPU (best of `reps`; `cpu_matmul_meter`), cached per
+  process."""
+  return cpu_matmul_meter(matmul_dtype, n)(reps)
 
 
 def peak_flops_per_device(matmul_dtype: str = "float32", device=None) -> float:
