@@ -24,6 +24,10 @@ MODES = {
     "mixed": ["matmul.precision = 'mixed'"],
     "mixed, split forward": ["matmul.precision = 'mixed'", "matmul.split_weights = 'forward'"],
     "mixed, split both": ["matmul.precision = 'mixed'", "matmul.split_weights = 'both'"],
+    "mixed, split out/wo": ["matmul.precision = 'mixed'", "matmul.split_weights = 'forward'", "matmul.split_layers = ('out', 'wo')"],
+    "mixed, split value/out/wo": ["matmul.precision = 'mixed'", "matmul.split_weights = 'forward'", "matmul.split_layers = ('value', 'out', 'wo')"],
+    "mixed, split both value/out/wo": ["matmul.precision = 'mixed'", "matmul.split_weights = 'both'", "matmul.split_layers = ('value', 'out', 'wo')"],
+    "mixed, split wo": ["matmul.precision = 'mixed'", "matmul.split_weights = 'forward'", "matmul.split_layers = ('wo',)"],
 }
 
 
@@ -69,7 +73,7 @@ def run(args) -> list[dict]:
 
   grads = {}
   for mode, bindings in MODES.items():
-    gin.parse_config(["matmul.precision = 'default'", "matmul.split_weights = 'none'"]
+    gin.parse_config(["matmul.precision = 'default'", "matmul.split_weights = 'none'", "matmul.split_layers = ()"]
                      + bindings)  # matmul reads these when the loss is traced
     # A fresh function per mode: jit caches traces per function, blind to gin.
     g = jax.jit(jax.grad(lambda p: loss(p)))(params)

@@ -166,6 +166,18 @@ def test_split_weights_make_the_weight_exact_where_asked(split):
   assert _rel_err(dw, jnp.einsum("blk,bln->kn", x, g, precision=hp)) < 1e-4  # a, g: exact
 
 
+def test_split_layers_split_only_the_named_dense_layers():
+  gin.bind_parameter("matmul.precision", "mixed")
+  gin.bind_parameter("matmul.split_weights", "forward")
+  gin.bind_parameter("matmul.split_layers", ("wo",))
+  x = _rand(0, (4, 64)).astype(jnp.bfloat16).astype(jnp.float32)  # exact in bf16
+  w = _rand(1, (64, 48))
+  y_ref = jnp.einsum("bk,kn->bn", x, w, precision=jax.lax.Precision.HIGHEST)
+  named = lambda layer: _rel_err(matmul.dense(x, w, (-1,), jnp.float32, layer=layer), y_ref)  # noqa: E731
+  assert named("wo") < 1e-4                    # split: the weight is exact to ~2^-17
+  assert named("wi") > 1e-4 and named(None) > 1e-4  # one bf16 pass: ~2^-9
+
+
 def test_unknown_split_is_refused():
   gin.bind_parameter("matmul.split_weights", "half")
   with pytest.raises(ValueError, match="matmul.split_weights"):

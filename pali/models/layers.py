@@ -73,7 +73,7 @@ class DenseGeneral(nn.Module):
     kernel = self.param("kernel", nn.with_logical_partitioning(init, self.kernel_axes),
                         kernel_shape, jnp.float32)
     # A rank-2 matmul with a hand-written backward (and optional mixed precision): matmul.py.
-    y = matmul.dense(x, kernel, axis, self.dtype)
+    y = matmul.dense(x, kernel, axis, self.dtype, layer=self.name)
     if self.use_bias:
       bias = self.param("bias", nn.with_logical_partitioning(
           nn.initializers.zeros, self.kernel_axes[-len(self.features):]), self.features,

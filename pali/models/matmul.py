@@ -47,18 +47,20 @@ PRECISIONS = ("default", "mixed")
 
 @gin.configurable("matmul")
 def _configured(precision: str = "default", custom_backward: bool = True,
-                split_weights: str = "none"):
-  return precision, custom_backward, split_weights
+                split_weights: str = "none", split_layers: tuple[str, ...] = ()):
+  return precision, custom_backward, split_weights, tuple(split_layers)
 
 
 SPLITS = ("none", "forward", "both")
 
 
-def _split_weights() -> str:
-  split = _configured()[2]
+def _split_weights(layer: str | None = None) -> str:
+  """The split for a dense layer named `layer`: `split_weights`, or 'none' where
+  `split_layers` is given and does not name it."""
+  _, _, split, layers = _configured()
   if split not in SPLITS:
     raise ValueError(f"matmul.split_weights={split!r} is not one of {SPLITS}.")
-  return split
+  return split if not layers or layer in layers else "none"
 
 
 def _materialise_transposes(op_dtype) -> bool:
@@ -171,9 +173,10 @@ def _matmul_bwd(b_transposed, op_dtype, out_dtype, split_b, res, g):
 _matmul_custom.defvjp(_matmul_fwd, _matmul_bwd)
 
 
-def dense(x, kernel, axis: tuple[int, ...], dtype):
+def dense(x, kernel, axis: tuple[int, ...], dtype, layer: str | None = None):
   """x [..., K1..Kn] contracted over `axis` with kernel [K1..Kn, F1..Fm] -> [..., F1..Fm] in
-  `dtype` (the layer's compute dtype), as one [rows, K] x [K, F] matmul."""
+  `dtype` (the layer's compute dtype), as one [rows, K] x [K, F] matmul. `layer`: the dense
+  module's name, which `matmul.split_layers` selects by."""
   n = len(axis)
   axis = tuple(a % x.ndim for a in axis)
   if axis != tuple(range(x.ndim - n, x.ndim)):
@@ -182,7 +185,7 @@ def dense(x, kernel, axis: tuple[int, ...], dtype):
   feat_shape = kernel.shape[n:]
   k, f = int(np.prod(in_shape)), int(np.prod(feat_shape))
   y = _matmul(x.reshape(-1, k).astype(dtype), kernel.reshape(k, f), False,
-              operand_dtype(dtype), jnp.dtype(dtype), _split_weights())
+              operand_dtype(dtype), jnp.dtype(dtype), _split_weights(layer))
   return y.reshape(batch_shape + feat_shape)
 
 
