@@ -106,3 +106,12 @@ def test_peaks_and_mfu_meter():
   fetched = [(1, {"loss": 1.0, "learning_rate": 0.1, "nonfinite": 0})]
   summary = trainer._summarise(fetched, 0.25, 8, 100, mfu.MfuMeter(4e12, 2, 1e12))
   assert summary["mfu"] == 0.5 and summary["model_tflops_per_device"] == 0.5
+
+
+def test_cpu_matmul_meter_measures_again_inside_another_mesh():
+  # The trainer calls the meter inside its own (8-device) mesh context.
+  from pali import partitioning
+  from pali.training import mfu
+  meter = mfu.cpu_matmul_meter("float32", n=128)
+  with jax.set_mesh(partitioning.create_mesh()):
+    assert meter(1) > 1e7 and meter(1) > 1e7
