@@ -19,15 +19,21 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench import common  # noqa: E402
 
+def _split(where: str, layers: tuple[str, ...]) -> list[str]:
+  return ["matmul.precision = 'mixed'", f"matmul.split_weights = '{where}'",
+          f"matmul.split_layers = {layers!r}"]
+
+
 MODES = {
     "float32": ["matmul.precision = 'default'"],
     "mixed": ["matmul.precision = 'mixed'"],
     "mixed, split forward": ["matmul.precision = 'mixed'", "matmul.split_weights = 'forward'"],
     "mixed, split both": ["matmul.precision = 'mixed'", "matmul.split_weights = 'both'"],
-    "mixed, split out/wo": ["matmul.precision = 'mixed'", "matmul.split_weights = 'forward'", "matmul.split_layers = ('out', 'wo')"],
-    "mixed, split value/out/wo": ["matmul.precision = 'mixed'", "matmul.split_weights = 'forward'", "matmul.split_layers = ('value', 'out', 'wo')"],
-    "mixed, split both value/out/wo": ["matmul.precision = 'mixed'", "matmul.split_weights = 'both'", "matmul.split_layers = ('value', 'out', 'wo')"],
-    "mixed, split wo": ["matmul.precision = 'mixed'", "matmul.split_weights = 'forward'", "matmul.split_layers = ('wo',)"],
+    # Split only the named dense layers (those that write to the residual stream, or some).
+    "mixed, split out/wo": _split("forward", ("out", "wo")),
+    "mixed, split value/out/wo": _split("forward", ("value", "out", "wo")),
+    "mixed, split both value/out/wo": _split("both", ("value", "out", "wo")),
+    "mixed, split wo": _split("forward", ("wo",)),
 }
 
 
@@ -73,8 +79,8 @@ def run(args) -> list[dict]:
 
   grads = {}
   for mode, bindings in MODES.items():
-    gin.parse_config(["matmul.precision = 'default'", "matmul.split_weights = 'none'", "matmul.split_layers = ()"]
-                     + bindings)  # matmul reads these when the loss is traced
+    gin.parse_config(["matmul.precision = 'default'", "matmul.split_weights = 'none'",
+                      "matmul.split_layers = ()"] + bindings)  # matmul reads these when the loss is traced
     # A fresh function per mode: jit caches traces per function, blind to gin.
     g = jax.jit(jax.grad(lambda p: loss(p)))(params)
     grads[mode] = {k: np.concatenate([np.ravel(np.asarray(x, np.float64))

@@ -27,6 +27,12 @@ def _factored_dims(shape, factored: bool, min_dim_size_to_factor: int):
   return int(order[-2]), int(order[-1])
 
 
+def _unzip(like, tree_of_tuples):
+  """A tree (shaped as `like`) of k-tuples -> k trees."""
+  treedef = jax.tree.structure(like)
+  return tuple(treedef.unflatten(x) for x in zip(*treedef.flatten_up_to(tree_of_tuples)))
+
+
 def _decay_rate(step, exponent):
   """Adafactor's second-moment decay 1 - (t + 1)^-exponent."""
   return 1.0 - jnp.asarray(step + 1, jnp.float32) ** (-exponent)
@@ -38,23 +44,17 @@ def scale_by_factored_rms(factored: bool = True, decay_rate: float = 0.8,
   """Scales by a factored (or, for small or 1-D params, a full) second-moment estimate."""
 
   def init_fn(params):
-    def v_row(p):
+    def zeros(p):  # (v_row, v_col, v): the factored pair, or the full moment
       dims = _factored_dims(p.shape, factored, min_dim_size_to_factor)
-      return jnp.zeros((1,), p.dtype) if dims is None else jnp.zeros(
-          tuple(np.delete(p.shape, dims[1])), p.dtype)
+      unused = jnp.zeros((1,), p.dtype)
+      if dims is None:
+        return unused, unused, jnp.zeros_like(p)
+      return (jnp.zeros(tuple(np.delete(p.shape, dims[1])), p.dtype),
+              jnp.zeros(tuple(np.delete(p.shape, dims[0])), p.dtype), unused)
 
-    def v_col(p):
-      dims = _factored_dims(p.shape, factored, min_dim_size_to_factor)
-      return jnp.zeros((1,), p.dtype) if dims is None else jnp.zeros(
-          tuple(np.delete(p.shape, dims[0])), p.dtype)
-
-    def v(p):
-      dims = _factored_dims(p.shape, factored, min_dim_size_to_factor)
-      return jnp.zeros_like(p) if dims is None else jnp.zeros((1,), p.dtype)
-
-    return factorized.FactoredState(
-        count=jnp.zeros([], jnp.int32), v_row=jax.tree.map(v_row, params),
-        v_col=jax.tree.map(v_col, params), v=jax.tree.map(v, params))
+    v_row, v_col, v = _unzip(params, jax.tree.map(zeros, params))
+    return factorized.FactoredState(count=jnp.zeros([], jnp.int32), v_row=v_row, v_col=v_col,
+                                    v=v)
 
   def update_fn(grads, state, params):
     if params is None:
@@ -77,9 +77,8 @@ def scale_by_factored_rms(factored: bool = True, decay_rate: float = 0.8,
                 * jnp.expand_dims(jax.lax.rsqrt(new_col), d1))
       return update, new_row, new_col, v
 
-    out = jax.tree.map(one, grads, state.v_row, state.v_col, state.v, params)
-    treedef = jax.tree.structure(grads)
-    updates, v_row, v_col, v = (treedef.unflatten(x) for x in zip(*treedef.flatten_up_to(out)))
+    updates, v_row, v_col, v = _unzip(
+        grads, jax.tree.map(one, grads, state.v_row, state.v_col, state.v, params))
     return updates, factorized.FactoredState(
         count=optax.safe_increment(state.count), v_row=v_row, v_col=v_col, v=v)
 
