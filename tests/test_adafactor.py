@@ -64,3 +64,14 @@ def test_missing_params_are_refused():
   params = _params()
   with pytest.raises(ValueError, match="params"):
     tx.update(_grads(0, params), tx.init(params))
+
+
+@pytest.mark.parametrize("shape,axis", [((130, 160), 0), ((7, 40), 0), ((5, 33, 200), 1),
+                                        ((512, 2048), 0), ((160, 130), 0), ((9, 11), 1)])
+def test_column_means_by_halving_equal_the_plain_mean(shape, axis):
+  # Wide leading-axis means (the logits kernel's [512, 32128]) are sums of halves on CPU, odd
+  # lengths included; tall ones and the last axis take jnp.mean. Same values either way.
+  x = jax.random.uniform(jax.random.key(1), shape)
+  np.testing.assert_allclose(jax.jit(adafactor._mean, static_argnums=1)(x, axis),
+                             jnp.mean(x, axis=axis), rtol=1e-6)
+  np.testing.assert_allclose(adafactor._pairwise_sum(x, axis), jnp.sum(x, axis=axis), rtol=1e-6)
