@@ -39,7 +39,10 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
 
   `frozen` is a tree of bools like the parameters: their gradients are stopped (XLA then skips
   that backward work). A non-finite loss or gradient norm leaves the state unchanged and sets
-  metrics['nonfinite'] = 1, so a NaN update can never reach a checkpoint.
+  metrics['nonfinite'] = 1, so a NaN update can never reach a checkpoint. metrics['param_norm']
+  is the norm of the parameters the step started from: Adafactor reads their squares anyway
+  (parameter-scaled updates), so XLA shares that pass; the updated ones' norm cost a pass of
+  its own over every parameter.
   """
 
   def loss_fn(params, micro, rng, total_weight):
@@ -91,7 +94,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
         "accuracy": sums["correct"] / total_weight,
         "weight_sum": sums["weight_sum"],
         "grad_norm": grad_norm,
-        "param_norm": optax.global_norm(new_params),
+        "param_norm": optax.global_norm(state.params),
         "learning_rate": jnp.asarray(schedule(state.step), jnp.float32),
         "nonfinite": 1 - finite.astype(jnp.int32),
     }
