@@ -9,7 +9,12 @@ sharded, donated) is compiled once; then every round runs `--steps_per_round` st
 variant in turn. On a machine whose speed drifts (the 2-core CPUs of BENCHMARKS.md drift by up
 to 15% within the hour), separate processes minutes apart can't resolve a 5% change; rounds
 interleaved within one process can. The first variant is the baseline of the `vs_first`
-column. Only gin bindings can differ: to compare code, run this once per commit.
+column. Gin bindings and XLA options can differ: to compare code, add a temporary gin switch
+(or run this once per commit).
+
+`--xla_option NAME:KEY=VALUE` (repeatable) compiles variant NAME with that XLA debug option,
+e.g. "conc:xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_CONCURRENCY_OPTIMIZED": the options
+XLA_FLAGS sets for a whole process, here per variant in the same process.
 """
 from __future__ import annotations
 
@@ -33,6 +38,22 @@ def parse_variant(spec: str) -> dict:
           "gin_bindings": [b.strip() for b in bindings.split(";") if b.strip()]}
 
 
+def parse_xla_option(spec: str) -> tuple[str, str, object]:
+  """'NAME:KEY=VALUE' -> (NAME, KEY, VALUE), VALUE a bool or int where it reads as one
+  (XLA refuses 'false' for a bool option), else the string (enum names)."""
+  name, sep, rest = spec.partition(":")
+  key, eq, value = rest.partition("=")
+  if not (sep and eq and name and key.strip() and value.strip()):
+    raise argparse.ArgumentTypeError(f"{spec!r}: use NAME:KEY=VALUE, NAME a variant's name.")
+  value = value.strip()
+  if value.lower() in ("true", "false"):
+    return name, key.strip(), value.lower() == "true"
+  try:
+    return name, key.strip(), int(value)
+  except ValueError:
+    return name, key.strip(), value
+
+
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--variant", action="append", required=True, type=parse_variant,
@@ -46,10 +67,19 @@ def parse_args(argv=None):
   p.add_argument("--rounds", type=int, default=4)
   p.add_argument("--steps_per_round", type=int, default=2)
   p.add_argument("--no_tcmalloc", action="store_true", help="keep the default allocator")
+  p.add_argument("--xla_option", action="append", default=[], type=parse_xla_option,
+                 help="NAME:KEY=VALUE, an XLA debug option for variant NAME's compile")
   p.add_argument("--json", default=None, help="write the results here")
   args = p.parse_args(argv)
-  if len({v["name"] for v in args.variant}) != len(args.variant):
+  names = [v["name"] for v in args.variant]
+  if len(set(names)) != len(names):
     p.error("variant names must differ")
+  for v in args.variant:
+    v["xla_options"] = {}
+  for name, key, value in args.xla_option:
+    if name not in names:
+      p.error(f"--xla_option {name}:{key}: no variant is named {name!r} (variants: {names})")
+    args.variant[names.index(name)]["xla_options"][key] = value
   return args
 
 
@@ -59,7 +89,8 @@ def run(args) -> list[dict]:
   built = []
   for v in args.variant:
     vargs = argparse.Namespace(**{**vars(args), "dtype": v["dtype"],
-                                  "gin_bindings": v["gin_bindings"]})
+                                  "gin_bindings": v["gin_bindings"],
+                                  "xla_options": v["xla_options"]})
     built.append(train_step.compile_step(vargs))
   times = [[] for _ in built]
   losses = [[] for _ in built]
@@ -75,6 +106,7 @@ def run(args) -> list[dict]:
         t.append(time.perf_counter() - t0)
   base = common.median(times[0])
   return [{"variant": v["name"], "dtype": v["dtype"], "gin_bindings": v["gin_bindings"],
+           "xla_options": v["xla_options"],
            "compile_s": b.compile_s, "median_step_s": common.median(t), "min_step_s": min(t),
            "steps": len(t), "vs_first": common.median(t) / base, "step_times_s": t,
            "loss_first": loss[0], "loss_last": loss[-1]}
@@ -85,9 +117,9 @@ def main(argv=None):
   args = parse_args(argv)
   common.prepare_process(args.no_tcmalloc)  # re-executes with tcmalloc where installed
   rows = run(args)
-  print(common.format_table(rows, ["variant", "dtype", "gin_bindings", "median_step_s",
-                                   "min_step_s", "steps", "vs_first", "loss_first",
-                                   "loss_last"]))
+  print(common.format_table(rows, ["variant", "dtype", "gin_bindings", "xla_options",
+                                   "median_step_s", "min_step_s", "steps", "vs_first",
+                                   "loss_first", "loss_last"]))
   machine = common.machine_info()
   print(common.machine_line(machine))
   common.write_json(args.json, {"benchmark": "ab_step", "machine": machine,

@@ -102,7 +102,10 @@ def compile_step(args):
     jitted = jax.jit(step_fn, in_shardings=(shardings, batch_sh, repl),
                      out_shardings=(shardings, repl), donate_argnums=(0,))
     t0 = time.perf_counter()
-    compiled = jitted.lower(state, batch, rng).compile()
+    # XLA debug options for this compile only (bench/ab_step.py's --xla_option); XLA_FLAGS
+    # would set them for the whole process.
+    compiled = jitted.lower(state, batch, rng).compile(
+        compiler_options=getattr(args, "xla_options", None) or None)
     compile_s = time.perf_counter() - t0
   return types.SimpleNamespace(compiled=compiled, state=state, batch=batch, rng=rng,
                                model=model, host=host, compile_s=compile_s)
