@@ -79,8 +79,9 @@ def run(args) -> list[dict]:
 
   grads = {}
   for mode, bindings in MODES.items():
+    # matmul reads these when the loss is traced.
     gin.parse_config(["matmul.precision = 'default'", "matmul.split_weights = 'none'",
-                      "matmul.split_layers = ()"] + bindings)  # matmul reads these when the loss is traced
+                      "matmul.split_layers = ()"] + bindings)
     # A fresh function per mode: jit caches traces per function, blind to gin.
     g = jax.jit(jax.grad(lambda p: loss(p)))(params)
     grads[mode] = {k: np.concatenate([np.ravel(np.asarray(x, np.float64))

@@ -57,7 +57,9 @@ def _mean(x, axis: int):
   XLA:CPU reduces the 512 rows of the [512, 32128] logits kernel's squared gradient into its
   32128 column means at a tenth of memory speed (42 ms alone, up to 80 ms a step in the
   training step); adding halves takes 4.8 ms. Kernels taller than wide reduce fast as they are
-  (the [32128, 512] embedding: 3.4 ms, where halving takes 12 ms).
+  (the [32128, 512] embedding: 3.4 ms, where halving takes 12 ms). `matmul._sum_leading`'s
+  product with a ones row, the model's answer to the same XLA:CPU weakness, takes 6.9 ms here
+  and gained nothing in the step when tried (BENCHMARKS.md).
   """
   kept = int(np.prod(x.shape[axis + 1:]))
   if jax.default_backend() == "cpu" and axis != x.ndim - 1 and kept > x.shape[axis]:
