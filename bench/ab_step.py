@@ -106,7 +106,7 @@ def run(args) -> list[dict]:
         t.append(time.perf_counter() - t0)
   base = common.median(times[0])
   return [{"variant": v["name"], "dtype": v["dtype"], "gin_bindings": v["gin_bindings"],
-           "xla_options": v["xla_options"],
+           "xla_options": b.xla_options,
            "compile_s": b.compile_s, "median_step_s": common.median(t), "min_step_s": min(t),
            "steps": len(t), "vs_first": common.median(t) / base, "step_times_s": t,
            "loss_first": loss[0], "loss_last": loss[-1]}

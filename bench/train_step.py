@@ -75,9 +75,11 @@ def compile_step(args):
 
   from pali import partitioning
   from pali.models import pali as pali_model
+  from pali.training import mfu
   from pali.training import optimizer as optimizer_lib
   from pali.training import step as step_lib
   from pali.training import train_state as train_state_lib
+  from pali.training import xla_options
 
   gin.clear_config()
   config_path = args.config if os.path.isabs(args.config) else os.path.join(common.REPO_ROOT,
@@ -102,13 +104,20 @@ def compile_step(args):
     jitted = jax.jit(step_fn, in_shardings=(shardings, batch_sh, repl),
                      out_shardings=(shardings, repl), donate_argnums=(0,))
     t0 = time.perf_counter()
-    # XLA debug options for this compile only (bench/ab_step.py's --xla_option); XLA_FLAGS
-    # would set them for the whole process.
-    compiled = jitted.lower(state, batch, rng).compile(
-        compiler_options=getattr(args, "xla_options", None) or None)
+    # The trainer's XLA options for this step, and on top of them the XLA debug options of
+    # this compile only (bench/ab_step.py's --xla_option; XLA_FLAGS would set them for the
+    # whole process).
+    extra = getattr(args, "xla_options", None) or {}
+    options = {**xla_options.train_step_compiler_options(mfu.run_matmul_dtype(model.config)),
+               **extra}
+    lowered = jitted.lower(state, batch, rng)
+    # Options asked for by name must hold: XLA's refusal is an error, not a fallback.
+    compiled = (lowered.compile(compiler_options=options) if extra
+                else xla_options.compile_lowered(lowered, options))
     compile_s = time.perf_counter() - t0
   return types.SimpleNamespace(compiled=compiled, state=state, batch=batch, rng=rng,
-                               model=model, host=host, compile_s=compile_s)
+                               model=model, host=host, compile_s=compile_s,
+                               xla_options=options)
 
 
 def run(args) -> dict:
@@ -180,6 +189,7 @@ def run(args) -> dict:
       "matmul_precision": matmul.get_precision(), "batch": args.batch,
       "image_size": args.image_size, "input_len": args.input_len,
       "target_len": args.target_len, "gin_bindings": args.gin_bindings,
+      "xla_options": built.xla_options,
       "steps": args.steps, "compile_s": compile_s,
       "median_step_s": med, "min_step_s": min(times), "step_times_s": times,
       "cpu_s_per_step": cpu_per_step,
@@ -208,6 +218,7 @@ def main(argv=None):
           "tokens_per_s", "achieved_gflop_per_s", "peak_gflop_per_s", "mfu",
           "load_average_after"]
   print(common.format_table([row], cols))
+  print(f"train step XLA options: {row['xla_options'] or 'defaults'}")
   if row.get("profile"):
     print(common.format_table(row["profile"], ["op", "ms_per_step", "share", "calls_per_step"]))
   print(common.machine_line(machine))

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pali import flops as flops_lib
+from pali.training import xla_options
 
 # Dense bfloat16 TFLOP/s per chip (vendor data sheets; sparsity figures are twice these).
 PEAK_BF16_TFLOPS = (
@@ -49,6 +50,8 @@ def cpu_matmul_meter(matmul_dtype: str = "float32", n: int = 2048):
   'float32': f32 x f32 -> f32; 'bfloat16': bf16 x bf16 -> bf16; 'mixed': bf16 x bf16 with
   float32 accumulation and output (what the mixed-precision matmuls of the model run). Calling
   it again re-measures: a benchmark can pair each timed step with the peak of that moment.
+  The matmul compiles with the train step's XLA options for that dtype
+  (`xla_options.train_step_compiler_options`), so it runs on the library the step's dots run on.
   """
   if matmul_dtype not in MATMUL_DTYPES:
     raise ValueError(f"matmul_dtype={matmul_dtype!r}: use one of {MATMUL_DTYPES}.")
@@ -61,7 +64,10 @@ def cpu_matmul_meter(matmul_dtype: str = "float32", n: int = 2048):
     a = jax.device_put(np.random.default_rng(0).standard_normal((n, n)).astype(np.float32),
                        jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
     a = a.astype(in_dtype)
-    mm = jax.jit(lambda x, y: jnp.matmul(x, y, preferred_element_type=out_dtype))
+    mm = xla_options.compile_lowered(
+        jax.jit(lambda x, y: jnp.matmul(x, y, preferred_element_type=out_dtype)).lower(a, a),
+        xla_options.train_step_compiler_options("float32" if matmul_dtype == "float32"
+                                                else "mixed"))
     mm(a, a).block_until_ready()
 
   def measure(reps: int = 5) -> float:

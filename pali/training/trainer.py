@@ -19,7 +19,7 @@ from clu import metric_writers
 
 from pali import checkpoints, partitioning
 from pali.evaluation import evaluator as evaluator_lib  # in-training eval lives there
-from pali.training import losses, mfu
+from pali.training import losses, mfu, xla_options
 from pali.training import optimizer as optimizer_lib
 from pali.training import step as step_lib
 from pali.training import train_state as train_state_lib
@@ -173,9 +173,11 @@ def train(*, model_dir: str = gin.REQUIRED, mixture: str = gin.REQUIRED,
 
     first = partitioning.host_batch_to_global(next(batches), mesh, rules)
     t0 = time.time()
-    compiled = jitted.lower(state, first, dropout_rng).compile()
+    options = xla_options.train_step_compiler_options(mfu.run_matmul_dtype(model.config))
+    compiled = xla_options.compile_lowered(jitted.lower(state, first, dropout_rng), options)
     compile_s = time.time() - t0
-    logging.info("Compiled the train step in %.1f s", compile_s)
+    logging.info("Compiled the train step in %.1f s (XLA options: %s)", compile_s,
+                 options or "defaults")
     writer.write_scalars(start_step, {"compile_seconds": compile_s})
 
     pending: list[tuple[int, dict]] = []
