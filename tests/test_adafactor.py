@@ -5,6 +5,7 @@ import numpy as np
 import optax
 import pytest
 
+from pali import reductions
 from pali.training import adafactor
 
 SHAPES = {
@@ -74,4 +75,4 @@ def test_column_means_by_halving_equal_the_plain_mean(shape, axis):
   x = jax.random.uniform(jax.random.key(1), shape)
   np.testing.assert_allclose(jax.jit(adafactor._mean, static_argnums=1)(x, axis),
                              jnp.mean(x, axis=axis), rtol=1e-6)
-  np.testing.assert_allclose(adafactor._pairwise_sum(x, axis), jnp.sum(x, axis=axis), rtol=1e-6)
+  np.testing.assert_allclose(reductions.pairwise_sum(x, axis), jnp.sum(x, axis=axis), rtol=1e-6)

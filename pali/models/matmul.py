@@ -11,8 +11,8 @@ which it does not route to its fast matmul kernels: there every product is a (ba
 dot needs is materialised (a cheap copy) rather than folded into the dot (float32 dots take the
 folded transpose well). `matmul.custom_backward = False` leaves it all to autodiff.
 
-`add_broadcast` adds an attention bias shared by the batch; on CPU its gradient's batch sum is
-a product with a ones vector, because XLA:CPU ran that reduction ~40x slower.
+`add_broadcast` adds an attention bias shared by the batch; on CPU its gradient's batch sum adds
+halves (`reductions.pairwise_sum`), because XLA:CPU ran that reduction ~40x slower.
 
 Precision, a gin binding read when the model is traced (`matmul.precision`):
 - 'default': operands in the layer's compute dtype (float32, or bfloat16 accumulating in
@@ -41,6 +41,8 @@ import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from pali import reductions
 
 PRECISIONS = ("default", "mixed")
 
@@ -206,21 +208,20 @@ def attention_combine(weights, v, dtype):
 
 
 def _sum_leading(g, n: int):
-  """g summed over its first n axes, as a [1, rows] x [rows, rest] product on CPU.
+  """g summed over its first n axes; on CPU by halving (`reductions.pairwise_sum`).
 
-  XLA:CPU's YNNPACK reduction over a leading axis is ~40x slower than this matrix-vector
-  product when the kept part is wide (a [64, 311904] sum: 108 ms against 2.3 ms; BENCHMARKS.md,
-  "Training step"); other backends get a plain sum.
+  XLA:CPU's reduction over a leading axis is ~40x slower when the kept part is wide (a
+  [64, 311904] sum: 106 ms, halving 4-5 ms). A [1, rows] x [rows, rest] product with a ones row,
+  used before, is as fast on YNNPACK (0.14 ms for [8, 311904], halving 0.16 ms) but not on
+  oneDNN, where the float32 train step's dots run (2.0 ms, halving 0.3 ms; BENCHMARKS.md,
+  "Training step"). Other backends get a plain sum.
   """
   if n == 0:
     return g
   if not (_configured()[1] and jax.default_backend() == "cpu"):
     return jnp.sum(g, axis=tuple(range(n)))
-  rows = int(np.prod(g.shape[:n]))
-  ones = jnp.ones((1, rows), g.dtype)
-  out = jax.lax.dot_general(ones, g.reshape(rows, -1), (((1,), (0,)), ((), ())),
-                            precision=jax.lax.Precision.HIGHEST)
-  return out.reshape(g.shape[n:])
+  wide = jnp.promote_types(g.dtype, jnp.float32)  # 16-bit cotangents add in float32
+  return reductions.pairwise_sum(g.reshape((-1,) + g.shape[n:]).astype(wide), 0)
 
 
 @jax.custom_vjp

@@ -19,6 +19,8 @@ import numpy as np
 import optax
 from optax._src import factorized
 
+from pali import reductions
+
 
 def _factored_dims(shape, factored: bool, min_dim_size_to_factor: int):
   """The (second largest, largest) axes to factor over, or None (as optax)."""
@@ -36,34 +38,17 @@ def _unzip(like, tree_of_tuples):
   return tuple(treedef.unflatten(x) for x in zip(*treedef.flatten_up_to(tree_of_tuples)))
 
 
-def _pairwise_sum(x, axis: int):
-  """x summed over `axis` by halving it (adding its two halves) until one slice is left."""
-  n, odd = x.shape[axis], None
-  while n > 1:
-    if n % 2:  # set the last slice aside
-      last = jax.lax.slice_in_dim(x, n - 1, n, axis=axis)
-      odd = last if odd is None else odd + last
-      n -= 1
-    half = n // 2
-    x = (jax.lax.slice_in_dim(x, 0, half, axis=axis)
-         + jax.lax.slice_in_dim(x, half, n, axis=axis))
-    n = half
-  return jnp.squeeze(x if odd is None else x + odd, axis)
-
-
 def _mean(x, axis: int):
   """`jnp.mean(x, axis)`; on CPU, over a leading axis narrower than what it keeps, by halving.
 
   XLA:CPU reduces the 512 rows of the [512, 32128] logits kernel's squared gradient into its
   32128 column means at a tenth of memory speed (42 ms alone, up to 80 ms a step in the
   training step); adding halves takes 4.8 ms. Kernels taller than wide reduce fast as they are
-  (the [32128, 512] embedding: 3.4 ms, where halving takes 12 ms). `matmul._sum_leading`'s
-  product with a ones row, the model's answer to the same XLA:CPU weakness, takes 6.9 ms here
-  and gained nothing in the step when tried (BENCHMARKS.md).
+  (the [32128, 512] embedding: 3.4 ms, where halving takes 12 ms).
   """
   kept = int(np.prod(x.shape[axis + 1:]))
   if jax.default_backend() == "cpu" and axis != x.ndim - 1 and kept > x.shape[axis]:
-    return _pairwise_sum(x, axis) / x.shape[axis]
+    return reductions.pairwise_sum(x, axis) / x.shape[axis]
   return jnp.mean(x, axis=axis)
 
 
