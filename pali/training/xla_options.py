@@ -3,8 +3,9 @@
 On x86 CPUs, float32 dots go to oneDNN (`xla_cpu_use_onednn` with XLA's "individual dot"
 library fusion). XLA's default library, YNNPACK, runs a batched dot (attention's
 [B, H, L, L] x [B, H, L, D] products) on one core. oneDNN runs them on both cores of the
-2-core benchmark machine, ~2x faster, and its 2048^3 float32 matmul is ~6% faster too. The
-float32 pali_small step took 0.875x the time (BENCHMARKS.md, "Training step").
+2-core benchmark machine, ~2x faster, and its 2048^3 float32 matmul is 6-9% faster too. The
+float32 pali_small step took 0.875x and 0.946x the time in two A/Bs (BENCHMARKS.md, "Training
+step").
 
 What stays as XLA chooses:
 - bfloat16 dots (mixed precision). This XLA hands oneDNN no bf16 x bf16 -> f32 dot, and the
