@@ -4,7 +4,9 @@ r"""The matmul ceilings of this machine: GFLOP/s of a jitted n^3 matmul per matm
 
 Rows: 'float32' (f32 x f32 -> f32), 'mixed' (bf16 x bf16 accumulated and returned in f32,
 what `matmul.precision = 'mixed'` runs) and 'bfloat16' (bf16 -> bf16). These are the peaks
-MFU is measured against on CPU (pali.training.mfu.measure_cpu_peak_flops, best of 5). On a CPU
+MFU is measured against on CPU (pali.training.mfu.measure_cpu_peak_flops, best of 5), each
+compiled with the train step's XLA options for its dtype (float32 on oneDNN on x86 CPUs:
+pali/training/xla_options.py). On a CPU
 with AMX (Intel Sapphire Rapids and later) XLA's YNNPACK kernels run 'mixed' several times
 faster than float32, while bf16 -> bf16 is not faster at all: the mixed mode is what pays.
 """
