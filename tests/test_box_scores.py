@@ -6,7 +6,7 @@ import pytest
 from pali import decoding
 from pali.data import vocabulary
 from pali.evaluation import box_scores, task_metrics
-from tests.test_decoding import _tiny_pali
+from tests.test_decode_batch import _tiny_pali
 
 TWO_OBJECTS = "<loc0010><loc0020><loc0500><loc0600> square ; <loc0100><loc0100><loc0300><loc0300> circle"
 
