@@ -5,8 +5,11 @@
 
 Events of XLA's CPU runtime threads are grouped by name with the trailing '.N' numbering
 removed (fusion.12 and fusion.40 -> fusion); durations are summed over all threads, so on
-several cores the shares are of busy thread time, not of wall time. The trace is read with
-the standard library (gzip + json): no profiler plugin is needed.
+several cores the shares are of busy thread time, not of wall time. `by_wall` divides wall
+time instead: XLA's CPU runtime runs any op whose inputs are ready, so ops overlap (two dots
+at once, a dot beside an elementwise op), and each moment is shared equally among the ops
+running then. The trace is read with the standard library (gzip + json): no profiler plugin
+is needed.
 """
 from __future__ import annotations
 
@@ -62,6 +65,7 @@ def _events(log_dir: str) -> list[dict]:
           if e.get("ph") == "X" and not any(e["name"].startswith(h) for h in _HOST)]
 
 
+_DOTS = ("dot", "convolution")
 _INSTR = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\S+) (\w[\w-]*)\((.*)$")
 
 
@@ -85,7 +89,7 @@ def describe(name: str, instrs: dict, comps: dict) -> str:
   shape, opcode, rest = instrs.get(name, ("?", "?", ""))
   called = re.search(r"calls=%?([\w.\-]+)", rest)
   inner = comps.get(called.group(1), []) if called else []
-  dots = [n for n in inner if instrs[n][1] in ("dot", "convolution")]
+  dots = [n for n in inner if instrs[n][1] in _DOTS]
   if not dots:
     kinds = sorted({instrs[n][1] for n in inner} - {"parameter", "bitcast", "constant"})
     return f"{opcode} {shape} [{' '.join(kinds[:6])}]"
@@ -107,3 +111,62 @@ def by_op(log_dir: str, hlo_text: str, steps: int = 1, top: int = 30) -> list[di
   return [{"op": k, "ms_per_step": v / 1e3 / steps, "share": v / busy,
            "calls_per_step": count[k] / steps, "what": describe(k, instrs, comps)}
           for k, v in total.most_common(top)]
+
+
+def category(name: str, instrs: dict, comps: dict) -> str:
+  """What an op of the trace does, from the HLO: 'dot', 'dot, batched', 'reduction',
+  'collective', 'copy / transpose', 'convert' or 'elementwise / other'."""
+  shape, opcode, rest = instrs.get(name, ("?", "?", ""))
+  called = re.search(r"calls=%?([\w.\-]+)", rest)
+  inner = comps.get(called.group(1), []) if called else [name]
+  kinds = {instrs[n][1] for n in inner if n in instrs} or {opcode}
+  dots = [n for n in inner if n in instrs and instrs[n][1] in _DOTS]
+  if dots:
+    return "dot, batched" if "lhs_batch_dims" in instrs[dots[0]][2] else "dot"
+  if kinds & {"reduce", "reduce-window"}:
+    return "reduction"
+  if any(k.startswith(("all-", "collective", "reduce-scatter")) for k in kinds):
+    return "collective"
+  if kinds & {"transpose", "copy"}:
+    return "copy / transpose"
+  if "convert" in kinds:
+    return "convert"
+  return "elementwise / other"
+
+
+def by_wall(log_dir: str, hlo_text: str, steps: int = 1) -> dict:
+  """Wall time per step by `category`, each moment shared equally among the ops running then.
+
+  Returns {'wall_ms_per_step', 'idle_ms_per_step' (no op running), 'two_dots_ms_per_step' (two
+  or more dots at once, sharing the cores), 'rows': [{'category', 'ms_per_step', 'share'}]}.
+  Wall time runs from the first op's start to the last op's end.
+  """
+  instrs, comps = _hlo_index(hlo_text)
+  points = []
+  for e in _events(log_dir):
+    kind = category(e["name"], instrs, comps)
+    points += [(e["ts"], 1, kind), (e["ts"] + e.get("dur", 0.0), -1, kind)]
+  if not points:
+    return {"wall_ms_per_step": 0.0, "idle_ms_per_step": 0.0, "two_dots_ms_per_step": 0.0,
+            "rows": []}
+  points.sort(key=lambda p: (p[0], p[1]))  # ends before starts at the same instant
+  running, shares = collections.Counter(), collections.Counter()
+  idle = two_dots = 0.0
+  last = points[0][0]
+  for t, step, kind in points:
+    dt, n = t - last, sum(running.values())
+    if n == 0:
+      idle += dt
+    else:
+      for k, c in running.items():
+        shares[k] += dt * c / n
+    if running["dot"] + running["dot, batched"] >= 2:
+      two_dots += dt
+    running[kind] += step
+    last = t
+  wall = points[-1][0] - points[0][0] or 1.0
+  per_step = lambda us: us / 1e3 / steps  # noqa: E731
+  return {"wall_ms_per_step": per_step(wall), "idle_ms_per_step": per_step(idle),
+          "two_dots_ms_per_step": per_step(two_dots),
+          "rows": [{"category": k, "ms_per_step": per_step(v), "share": v / wall}
+                   for k, v in shares.most_common()]}

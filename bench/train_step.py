@@ -163,15 +163,17 @@ def run(args) -> dict:
     if peak_meter is not None:
       peaks.append(peak_meter(3))
   cpu_per_step = cpu_s / args.steps
-  profile = None
+  profile = profile_wall = None
   if args.profile:
     from bench import profile_summary
     with jax.profiler.trace(args.profile, create_perfetto_trace=True):
       for _ in range(2):
         one_step()
+    hlo = compiled.as_text()  # names the ops of the trace
     with open(os.path.join(args.profile, "step.hlo.txt"), "w") as fh:
-      fh.write(compiled.as_text())  # names the ops of the trace (profile_summary.by_op)
+      fh.write(hlo)  # for profile_summary.by_op
     profile = profile_summary.summarise(args.profile, steps=2)
+    profile_wall = profile_summary.by_wall(args.profile, hlo, steps=2)
 
   shapes = flops.BatchShapes.from_batch(host)
   step_flops = flops.train_step_flops(cfg, shapes)
@@ -203,7 +205,7 @@ def run(args) -> dict:
       "xla_temp_gib": getattr(memory, "temp_size_in_bytes", 0) / 2 ** 30,
       "device_peak_gib": (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use", 0)
                          / 2 ** 30,
-      **({"profile": profile} if profile else {}),
+      **({"profile": profile, "profile_wall": profile_wall} if profile else {}),
   }
 
 
@@ -221,6 +223,11 @@ def main(argv=None):
   print(f"train step XLA options: {row['xla_options'] or 'defaults'}")
   if row.get("profile"):
     print(common.format_table(row["profile"], ["op", "ms_per_step", "share", "calls_per_step"]))
+    wall = row["profile_wall"]
+    print(common.format_table(wall["rows"], ["category", "ms_per_step", "share"]))
+    print(f"wall time, traced: {wall['wall_ms_per_step']:.0f} ms a step; two or more dots at "
+          f"once {wall['two_dots_ms_per_step']:.0f} ms; no op running "
+          f"{wall['idle_ms_per_step']:.0f} ms")
   print(common.machine_line(machine))
   common.write_json(args.json, {"benchmark": "train_step", "machine": machine, "results": [row]})
   return row
