@@ -84,11 +84,16 @@ def _hlo_index(hlo_text: str) -> tuple[dict, dict]:
   return instrs, comps
 
 
+def _called(name: str, instrs: dict, comps: dict) -> list[str] | None:
+  """The instructions of the computation op `name` calls (a fusion's body), or None."""
+  called = re.search(r"calls=%?([\w.\-]+)", instrs.get(name, ("", "", ""))[2])
+  return comps.get(called.group(1), []) if called else None
+
+
 def describe(name: str, instrs: dict, comps: dict) -> str:
   """'dot f32[1568,1536] <- f32[1568,384] x f32[384,1536]'-style description of an op."""
-  shape, opcode, rest = instrs.get(name, ("?", "?", ""))
-  called = re.search(r"calls=%?([\w.\-]+)", rest)
-  inner = comps.get(called.group(1), []) if called else []
+  shape, opcode, _ = instrs.get(name, ("?", "?", ""))
+  inner = _called(name, instrs, comps) or []
   dots = [n for n in inner if instrs[n][1] in _DOTS]
   if not dots:
     kinds = sorted({instrs[n][1] for n in inner} - {"parameter", "bitcast", "constant"})
@@ -116,9 +121,9 @@ def by_op(log_dir: str, hlo_text: str, steps: int = 1, top: int = 30) -> list[di
 def category(name: str, instrs: dict, comps: dict) -> str:
   """What an op of the trace does, from the HLO: 'dot', 'dot, batched', 'reduction',
   'collective', 'copy / transpose', 'convert' or 'elementwise / other'."""
-  shape, opcode, rest = instrs.get(name, ("?", "?", ""))
-  called = re.search(r"calls=%?([\w.\-]+)", rest)
-  inner = comps.get(called.group(1), []) if called else [name]
+  opcode = instrs.get(name, ("?", "?", ""))[1]
+  called = _called(name, instrs, comps)
+  inner = [name] if called is None else called
   kinds = {instrs[n][1] for n in inner if n in instrs} or {opcode}
   dots = [n for n in inner if n in instrs and instrs[n][1] in _DOTS]
   if dots:
