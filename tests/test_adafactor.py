@@ -1,4 +1,5 @@
-"""pali.training.adafactor is optax.adafactor with rsqrt: same updates, same state tree."""
+"""pali.training.adafactor computes optax's chain (global-norm clip, optax.adafactor,
+per-parameter factors) in one pass: same updates, same state tree."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,15 +28,29 @@ def _grads(step, params):
   return {n: jax.random.normal(k, p.shape) * (1 + step) for (n, p), k in zip(params.items(), keys)}
 
 
+def _reference(sched, clip_grad_norm=None, lr_factors=None, **kwargs):
+  """The optax composition create_optimizer ran before adafactor.py computed it in one pass."""
+  tx = optax.adafactor(learning_rate=sched, **kwargs)
+  if lr_factors is not None:
+    tx = optax.chain(tx, adafactor.scale_by_factors(lr_factors))
+  if clip_grad_norm:
+    tx = optax.chain(optax.clip_by_global_norm(clip_grad_norm), tx)
+  return tx
+
+
 @pytest.mark.parametrize("kwargs", [
     {},
-    {"momentum": 0.9, "weight_decay_rate": 1e-3},
+    {"clip_grad_norm": 1.0},     # _grads' norm is over 100: every step clips
+    {"clip_grad_norm": 1e6},     # never clips
+    {"momentum": 0.9, "weight_decay_rate": 1e-3, "clip_grad_norm": 1.0},
     {"factored": False, "clipping_threshold": None, "multiply_by_parameter_scale": False},
+    {"lr_factors": {"kernel": 0.25, "wide": 1.0, "heads": 2.0, "stacked": 1.0, "bias": 0.5},
+     "weight_decay_rate": 1e-3, "clip_grad_norm": 1.0},
 ])
 def test_updates_and_state_equal_optax(kwargs):
   sched = optax.linear_schedule(0.01, 0.001, 10)
   ours = adafactor.adafactor(sched, **kwargs)
-  theirs = optax.adafactor(learning_rate=sched, **kwargs)
+  theirs = _reference(sched, **kwargs)
   params = _params()
   s_ours, s_theirs = ours.init(params), theirs.init(params)
   assert jax.tree.structure(s_ours) == jax.tree.structure(s_theirs)
@@ -46,8 +61,31 @@ def test_updates_and_state_equal_optax(kwargs):
     u_ours, s_ours = jax.jit(ours.update)(g, s_ours, p_ours)
     u_theirs, s_theirs = jax.jit(theirs.update)(g, s_theirs, p_theirs)
     for a, b in zip(jax.tree.leaves((u_ours, s_ours)), jax.tree.leaves((u_theirs, s_theirs))):
-      np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-9)
+      np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-8)
     p_ours, p_theirs = optax.apply_updates(p_ours, u_ours), optax.apply_updates(p_theirs, u_theirs)
+
+
+def test_constant_learning_rate_and_frozen_parameters_follow_optax():
+  # A float rate (optax.scale, no schedule state) inside multi_transform, which hands the
+  # transformation masked trees: the frozen leaves are absent from grads, params and state.
+  labels = {n: "frozen" if n == "wide" else "train" for n in SHAPES}
+  factors = {n: 0.5 if n == "kernel" else 1.0 for n in SHAPES}
+
+  def masked(tx):
+    return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+
+  ours = masked(adafactor.adafactor(3e-3, clip_grad_norm=1.0, lr_factors=factors))
+  theirs = masked(_reference(3e-3, clip_grad_norm=1.0, lr_factors=factors))
+  params = _params()
+  s_ours, s_theirs = ours.init(params), theirs.init(params)
+  assert jax.tree.structure(s_ours) == jax.tree.structure(s_theirs)
+  for step in range(2):
+    g = _grads(step, params)
+    u_ours, s_ours = jax.jit(ours.update)(g, s_ours, params)
+    u_theirs, s_theirs = jax.jit(theirs.update)(g, s_theirs, params)
+    for a, b in zip(jax.tree.leaves((u_ours, s_ours)), jax.tree.leaves((u_theirs, s_theirs))):
+      np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-8)
+  assert not np.any(u_ours["wide"])
 
 
 def test_no_power_op_is_left_for_the_second_moments():

@@ -111,6 +111,24 @@ def test_lr_multipliers_scale_each_parameters_update(name):
   assert size(scaled.init(params)) == size(plain.init(params))  # the scaling keeps no state
 
 
+@pytest.mark.parametrize("name", ["adafactor", "adamw"])
+def test_lr_multipliers_apply_beside_frozen_parameters(name):
+  # multi_transform hands the optimizer trees with the frozen ViT masked out; the factors
+  # must still find their parameters (a stage that freezes the ViT and scales the encoder).
+  params = _params()
+  grads = jax.tree_util.tree_map(lambda p: jnp.full_like(p, 0.5), params)
+  frozen = optimizer.create_optimizer(params, name=name, schedule=optax.constant_schedule(0.1),
+                                      frozen_patterns=["^vit/"])
+  scaled = optimizer.create_optimizer(params, name=name, schedule=optax.constant_schedule(0.1),
+                                      frozen_patterns=["^vit/"],
+                                      lr_multipliers=[("^encoder/", 0.5)])
+  u_frozen, _ = frozen.update(grads, frozen.init(params), params)
+  u_scaled, _ = scaled.update(grads, scaled.init(params), params)
+  np.testing.assert_allclose(u_scaled["encoder"]["kernel"], 0.5 * u_frozen["encoder"]["kernel"],
+                             rtol=1e-6)
+  assert not np.any(u_scaled["vit"]["kernel"]) and not np.any(u_scaled["vit"]["bias"])
+
+
 def test_lr_multiplier_that_matches_nothing_is_an_error():
   with pytest.raises(ValueError, match=r"\['\^nothing/'\] match no parameter"):
     optimizer.create_optimizer(_params(), lr_multipliers=[("^vit/", 0.5), ("^nothing/", 0.5)])

@@ -1,13 +1,23 @@
-"""optax's Adafactor with its inverse square roots as `rsqrt` (and, on CPU, wide column means
-as sums of halves).
+"""optax's Adafactor (t5x's defaults), computed as one scalar per parameter times its gradient
+times its second-moment factors.
 
-optax writes the second-moment scaling as `v ** -0.5`, which XLA lowers to a general `power`:
-on CPU that is 10x slower than `rsqrt` (119 vs 12 ms over 26M elements), and pali_small keeps
-26M second moments unfactored (its [512, 6, 64] attention kernels: head_dim 64 is under
-`min_dim_size_to_factor`), so the power cost 3% of a training step (BENCHMARKS.md). This module
-is optax's `scale_by_factored_rms` (optax 0.2.8) with `rsqrt`, in the same chain as
-`optax.adafactor`; the state is optax's own `FactoredState`, so checkpoints are
-interchangeable, and tests/test_adafactor.py holds the updates equal to optax's. The factored
+`reference_chain` is the optax composition this module computes, and `adafactor` keeps its
+state (optax's own `FactoredState`, `ScaleByScheduleState`, `EmaState`), so checkpoints are
+interchangeable; tests/test_adafactor.py holds the updates equal to optax's. Why not run the
+chain itself: each of its transformations hands the next a full-size tree, and XLA:CPU writes
+most of them out. Global-norm clipping, update clipping, the learning rate, the parameter scale
+and per-parameter factors all multiply the update by a scalar (or the factored moments' row
+and column factors), so the whole update is `alpha * g * row_factor * col_factor`. Its
+reductions (the update's RMS, the parameter's RMS) need no update written out: the update's
+squared sum is `s^2 * sum(g^2 * row_factor^2 * col_factor^2)`. What XLA still writes out is
+each gradient's square (several reductions read it) and each factored parameter's
+`row_factor * col_factor`. On pali_small the optimizer half of the step (bench/optimizer_step.py) takes
+187 ms against optax's chain's 340, and 162 against the 200 of the rsqrt chain this module held
+before; the mixed step took 0.90-0.97x the time (BENCHMARKS.md, "Training step").
+
+Other CPU details: the inverse square roots are `rsqrt`; optax writes `v ** -0.5`, a general
+`power` that XLA:CPU runs 10x slower (119 vs 12 ms over 26M elements; pali_small keeps 26M
+second moments unfactored: head_dim 64 is under `min_dim_size_to_factor`). The factored
 moments' means over a leading axis narrower than the rest (`_mean`) add halves on CPU, where
 XLA's reduction of the [512, 32128] logits kernel took 40-80 ms of the step.
 """
@@ -21,6 +31,8 @@ from optax._src import factorized
 
 from pali import reductions
 
+_MIN_PARAM_SCALE = 1e-3  # optax.scale_by_param_block_rms's default, as in optax.adafactor
+
 
 def _factored_dims(shape, factored: bool, min_dim_size_to_factor: int):
   """The (second largest, largest) axes to factor over, or None (as optax)."""
@@ -30,12 +42,6 @@ def _factored_dims(shape, factored: bool, min_dim_size_to_factor: int):
   if shape[order[-2]] < min_dim_size_to_factor:
     return None
   return int(order[-2]), int(order[-1])
-
-
-def _unzip(like, tree_of_tuples):
-  """A tree (shaped as `like`) of k-tuples -> k trees."""
-  treedef = jax.tree.structure(like)
-  return tuple(treedef.unflatten(x) for x in zip(*treedef.flatten_up_to(tree_of_tuples)))
 
 
 def _mean(x, axis: int):
@@ -57,68 +63,138 @@ def _decay_rate(step, exponent):
   return 1.0 - jnp.asarray(step + 1, jnp.float32) ** (-exponent)
 
 
-def scale_by_factored_rms(factored: bool = True, decay_rate: float = 0.8,
-                          step_offset: int = 0, min_dim_size_to_factor: int = 128,
-                          epsilon: float = 1e-30) -> optax.GradientTransformation:
-  """Scales by a factored (or, for small or 1-D params, a full) second-moment estimate."""
-
-  def init_fn(params):
-    def zeros(p):  # (v_row, v_col, v): the factored pair, or the full moment
-      dims = _factored_dims(p.shape, factored, min_dim_size_to_factor)
-      unused = jnp.zeros((1,), p.dtype)
-      if dims is None:
-        return unused, unused, jnp.zeros_like(p)
-      return (jnp.zeros(tuple(np.delete(p.shape, dims[1])), p.dtype),
-              jnp.zeros(tuple(np.delete(p.shape, dims[0])), p.dtype), unused)
-
-    v_row, v_col, v = _unzip(params, jax.tree.map(zeros, params))
-    return factorized.FactoredState(count=jnp.zeros([], jnp.int32), v_row=v_row, v_col=v_col,
-                                    v=v)
-
-  def update_fn(grads, state, params):
-    if params is None:
-      raise ValueError("Adafactor needs the params: pass them to update().")
-    decay = _decay_rate(state.count - step_offset, decay_rate)
-
-    def one(grad, v_row, v_col, v, param):
-      dtype = param.dtype
-      grad_sqr = jnp.square(grad) + epsilon
-      dims = _factored_dims(param.shape, factored, min_dim_size_to_factor)
-      if dims is None:
-        new_v = (decay * v + (1.0 - decay) * grad_sqr).astype(dtype)
-        return grad * jax.lax.rsqrt(new_v), v_row, v_col, new_v
-      d1, d0 = dims  # d0 the largest axis: v_row averages over it, v_col over d1
-      new_row = (decay * v_row + (1.0 - decay) * _mean(grad_sqr, d0)).astype(dtype)
-      new_col = (decay * v_col + (1.0 - decay) * _mean(grad_sqr, d1)).astype(dtype)
-      row_axis = d1 - 1 if d1 > d0 else d1  # d1's position once d0 is gone
-      row_factor = jax.lax.rsqrt(new_row / jnp.mean(new_row, axis=row_axis, keepdims=True))
-      update = (grad * jnp.expand_dims(row_factor, d0)
-                * jnp.expand_dims(jax.lax.rsqrt(new_col), d1))
-      return update, new_row, new_col, v
-
-    updates, v_row, v_col, v = _unzip(
-        grads, jax.tree.map(one, grads, state.v_row, state.v_col, state.v, params))
-    return updates, factorized.FactoredState(
-        count=optax.safe_increment(state.count), v_row=v_row, v_col=v_col, v=v)
-
-  return optax.GradientTransformation(init_fn, update_fn)
+def factors_like(factors):
+  """tree -> each leaf's factor from `factors` (floats, a tree like the parameters), looked up
+  by key path: the trees optax.multi_transform hands on (frozen leaves masked out) match too."""
+  by_path = {jax.tree_util.keystr(k): float(f)
+             for k, f in jax.tree_util.tree_flatten_with_path(factors)[0]}
+  return lambda tree: jax.tree_util.tree_map_with_path(
+      lambda k, _: by_path[jax.tree_util.keystr(k)], tree)
 
 
-def adafactor(learning_rate, *, decay_rate: float = 0.8, clipping_threshold: float | None = 1.0,
+def scale_by_factors(factors) -> optax.GradientTransformation:
+  """Multiplies each update by its factor (`factors_like`); no state."""
+  factors_of = factors_like(factors)
+
+  def update_fn(updates, state, params=None):
+    del params
+    return jax.tree.map(lambda u, f: u if f == 1.0 else u * f, updates,
+                        factors_of(updates)), state
+
+  return optax.GradientTransformation(lambda _: optax.EmptyState(), update_fn)
+
+
+def reference_chain(learning_rate, *, clip_grad_norm: float | None = None, lr_factors=None,
+                    decay_rate: float = 0.8, clipping_threshold: float | None = 1.0,
+                    multiply_by_parameter_scale: bool = True, momentum: float | None = None,
+                    weight_decay_rate: float | None = None, factored: bool = True,
+                    min_dim_size_to_factor: int = 128,
+                    epsilon: float = 1e-30) -> optax.GradientTransformation:
+  """What `adafactor` computes, as optax composes it: `optax.adafactor`'s chain, then each
+  parameter's factor (`lr_factors`), after global-norm clipping (`clip_grad_norm`)."""
+  tx = optax.adafactor(learning_rate, decay_rate=decay_rate,
+                       clipping_threshold=clipping_threshold,
+                       multiply_by_parameter_scale=multiply_by_parameter_scale,
+                       momentum=momentum, weight_decay_rate=weight_decay_rate, factored=factored,
+                       min_dim_size_to_factor=min_dim_size_to_factor, eps=epsilon)
+  if lr_factors is not None:
+    tx = optax.chain(tx, scale_by_factors(lr_factors))
+  if clip_grad_norm:
+    tx = optax.chain(optax.clip_by_global_norm(clip_grad_norm), tx)
+  return tx
+
+
+_STATEFUL = (factorized.FactoredState, optax.ScaleByScheduleState, optax.EmaState)
+
+
+def _find(state, kind):
+  found = [s for s in jax.tree.leaves(state, is_leaf=lambda s: isinstance(s, _STATEFUL))
+           if isinstance(s, kind)]
+  return found[0] if found else None
+
+
+def adafactor(learning_rate, *, clip_grad_norm: float | None = None, lr_factors=None,
+              decay_rate: float = 0.8, clipping_threshold: float | None = 1.0,
               multiply_by_parameter_scale: bool = True, momentum: float | None = None,
               weight_decay_rate: float | None = None, factored: bool = True,
               min_dim_size_to_factor: int = 128,
               epsilon: float = 1e-30) -> optax.GradientTransformation:
-  """`optax.adafactor`'s chain (same defaults) around the rsqrt scaling above."""
-  tx = [scale_by_factored_rms(factored, decay_rate, 0, min_dim_size_to_factor, epsilon)]
-  if clipping_threshold is not None:
-    tx.append(optax.clip_by_block_rms(clipping_threshold))
-  tx.append(optax.scale_by_learning_rate(learning_rate, flip_sign=False))
-  if multiply_by_parameter_scale:
-    tx.append(optax.scale_by_param_block_rms())
-  if momentum is not None:
-    tx.append(optax.ema(momentum, debias=False))
-  if weight_decay_rate is not None:
-    tx.append(optax.add_decayed_weights(weight_decay_rate))
-  tx.append(optax.scale(-1))
-  return optax.chain(*tx)
+  """`reference_chain`'s updates and state (same arguments; `optax.adafactor`'s defaults),
+  computed per parameter as one scalar times the gradient times its moment factors.
+
+  `lr_factors`: a tree of floats like the parameters (optimizer.multiplier_tree), each
+  parameter's learning-rate factor, weight decay included.
+  """
+  reference = reference_chain(
+      learning_rate, clip_grad_norm=clip_grad_norm, lr_factors=lr_factors,
+      decay_rate=decay_rate, clipping_threshold=clipping_threshold,
+      multiply_by_parameter_scale=multiply_by_parameter_scale, momentum=momentum,
+      weight_decay_rate=weight_decay_rate, factored=factored,
+      min_dim_size_to_factor=min_dim_size_to_factor, epsilon=epsilon)
+  factors_of = factors_like(lr_factors) if lr_factors is not None else None
+
+  def update_fn(grads, state, params=None):
+    if params is None:
+      raise ValueError("Adafactor needs the params: pass them to update().")
+    moments = _find(state, factorized.FactoredState)
+    schedule_state, ema_state = _find(state, optax.ScaleByScheduleState), _find(
+        state, optax.EmaState)
+    # The global-norm clip as a scale s of the gradient: the moments see (s g)^2 + eps.
+    s = jnp.float32(1.0)
+    if clip_grad_norm:
+      g_norm = optax.global_norm(grads)
+      s = jnp.where(g_norm < clip_grad_norm, 1.0, clip_grad_norm / g_norm)
+    decay = _decay_rate(moments.count, decay_rate)
+    lr = learning_rate(schedule_state.count) if callable(learning_rate) else learning_rate
+
+    def one(g, v_row, v_col, v, p, mu, lr_factor):
+      dtype = p.dtype
+      g2 = jnp.square(g.astype(jnp.float32))
+      dims = _factored_dims(p.shape, factored, min_dim_size_to_factor)
+      if dims is None:  # full second moment
+        v = (decay * v + (1.0 - decay) * (s * s * g2 + epsilon)).astype(dtype)
+        factor = jax.lax.rsqrt(v.astype(jnp.float32))
+      else:
+        d1, d0 = dims  # d0 the largest axis: v_row averages over it, v_col over d1
+        v_row = (decay * v_row + (1.0 - decay) * (s * s * _mean(g2, d0) + epsilon)).astype(dtype)
+        v_col = (decay * v_col + (1.0 - decay) * (s * s * _mean(g2, d1) + epsilon)).astype(dtype)
+        row_axis = d1 - 1 if d1 > d0 else d1  # d1's position once d0 is gone
+        row = jax.lax.rsqrt(v_row / jnp.mean(v_row, axis=row_axis, keepdims=True))
+        factor = jnp.expand_dims(row, d0) * jnp.expand_dims(jax.lax.rsqrt(v_col), d1)
+      alpha = s * lr
+      if clipping_threshold is not None:  # the update (s g factor)'s RMS, not written out
+        rms = s * jnp.sqrt(jnp.mean(g2 * jnp.square(factor)))
+        alpha = alpha / jnp.maximum(1.0, rms / clipping_threshold)
+      if multiply_by_parameter_scale:
+        p_rms = jnp.sqrt(jnp.mean(jnp.square(p.astype(jnp.float32))))
+        alpha = alpha * jnp.maximum(p_rms, _MIN_PARAM_SCALE)
+      update = alpha * g * factor
+      if momentum is not None:
+        mu = ((1.0 - momentum) * update + momentum * mu).astype(mu.dtype)
+        update = mu
+      if weight_decay_rate is not None:
+        update = update + weight_decay_rate * p
+      update = -update * lr_factor if lr_factor != 1.0 else -update
+      return update.astype(g.dtype), v_row, v_col, v, mu
+
+    leaves, treedef = jax.tree.flatten(grads)
+    columns = [leaves] + [treedef.flatten_up_to(t) for t in (moments.v_row, moments.v_col,
+                                                             moments.v, params)]
+    columns.append(treedef.flatten_up_to(ema_state.ema) if ema_state else [None] * len(leaves))
+    columns.append(jax.tree.leaves(factors_of(grads)) if factors_of else [1.0] * len(leaves))
+    out = [one(*args) for args in zip(*columns)]
+    updates, v_row, v_col, v, mu = (treedef.unflatten(list(x)) for x in zip(*out))
+
+    def renew(sub):
+      if isinstance(sub, factorized.FactoredState):
+        return factorized.FactoredState(count=optax.safe_increment(sub.count), v_row=v_row,
+                                        v_col=v_col, v=v)
+      if isinstance(sub, optax.ScaleByScheduleState):
+        return optax.ScaleByScheduleState(count=optax.safe_increment(sub.count))
+      if isinstance(sub, optax.EmaState):
+        return optax.EmaState(count=optax.safe_increment(sub.count), ema=mu)
+      return sub
+
+    return updates, jax.tree.map(renew, state, is_leaf=lambda x: isinstance(x, _STATEFUL))
+
+  return optax.GradientTransformation(reference.init, update_fn)

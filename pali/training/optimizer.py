@@ -90,14 +90,7 @@ def scale_by_multipliers(params, multipliers: Sequence[tuple[str, float]]
                          ) -> optax.GradientTransformation:
   """Multiplies each parameter's update by its factor (`multiplier_tree`); no state. After an
   optimizer this scales that parameter's learning rate (weight decay included)."""
-  factors = multiplier_tree(params, multipliers)
-
-  def update_fn(updates, state, params=None):
-    del params
-    return jax.tree_util.tree_map(lambda u, f: u if f == 1.0 else u * f, updates,
-                                  factors), state
-
-  return optax.GradientTransformation(lambda _: optax.EmptyState(), update_fn)
+  return adafactor.scale_by_factors(multiplier_tree(params, multipliers))
 
 
 @gin.configurable(denylist=["params", "schedule", "frozen_patterns"])
@@ -116,23 +109,32 @@ def create_optimizer(params, *, name: str = "adafactor", schedule: optax.Schedul
   big_vision's `lr_mults`)."""
   schedule = schedule if schedule is not None else learning_rate_schedule()
   if name == "adafactor":
-    tx = adafactor.adafactor(  # optax's, with rsqrt for its v ** -0.5 (see adafactor.py)
-        schedule, decay_rate=adafactor_decay_rate, momentum=adafactor_momentum,
-        multiply_by_parameter_scale=True, clipping_threshold=1.0, factored=adafactor_factored,
-        weight_decay_rate=weight_decay or None)
-  elif name == "adamw":
-    tx = optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
-  else:
+    # optax's chain (global-norm clip, Adafactor, per-parameter factors) in one pass per
+    # parameter, with optax's state (see adafactor.py).
+    return _frozen(params, frozen_patterns, adafactor.adafactor(
+        schedule, clip_grad_norm=clip_grad_norm, decay_rate=adafactor_decay_rate,
+        lr_factors=multiplier_tree(params, lr_multipliers) if lr_multipliers else None,
+        momentum=adafactor_momentum, multiply_by_parameter_scale=True, clipping_threshold=1.0,
+        factored=adafactor_factored, weight_decay_rate=weight_decay or None))
+  if name != "adamw":
     raise ValueError(f"create_optimizer.name={name!r}: use 'adafactor' or 'adamw'.")
+  tx = optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
   if lr_multipliers:
     tx = optax.chain(tx, scale_by_multipliers(params, lr_multipliers))
   if clip_grad_norm:
     tx = optax.chain(optax.clip_by_global_norm(clip_grad_norm), tx)
-  if frozen_patterns:
-    mask = frozen_mask(params, frozen_patterns)
-    if not any(jax.tree_util.tree_leaves(mask)):
-      raise ValueError(f"create_optimizer.frozen_patterns={list(frozen_patterns)} match no "
-                       "parameter; check the paths (e.g. '^vit/').")
-    labels = jax.tree_util.tree_map(lambda m: "frozen" if m else "train", mask)
-    tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
-  return tx
+  return _frozen(params, frozen_patterns, tx)
+
+
+def _frozen(params, frozen_patterns: Sequence[str], tx: optax.GradientTransformation
+            ) -> optax.GradientTransformation:
+  """`tx` for the parameters not matched by `frozen_patterns`, `optax.set_to_zero()` for
+  those that are."""
+  if not frozen_patterns:
+    return tx
+  mask = frozen_mask(params, frozen_patterns)
+  if not any(jax.tree_util.tree_leaves(mask)):
+    raise ValueError(f"create_optimizer.frozen_patterns={list(frozen_patterns)} match no "
+                     "parameter; check the paths (e.g. '^vit/').")
+  labels = jax.tree_util.tree_map(lambda m: "frozen" if m else "train", mask)
+  return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)

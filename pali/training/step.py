@@ -30,6 +30,25 @@ def _split_microbatches(batch: dict, num: int) -> dict:
   return jax.tree_util.tree_map(split, batch)
 
 
+def apply_gradients(state: TrainState, grads, tx: optax.GradientTransformation, *,
+                    loss=None, skip_nonfinite: bool = True):
+  """The optimizer half of the step: `(new_state, grad_norm, finite)`. `finite` is False for a
+  non-finite gradient norm (or `loss`); with `skip_nonfinite` that step's state is kept."""
+  grad_norm = optax.global_norm(grads)
+  updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
+  new_params = optax.apply_updates(state.params, updates)
+  finite = jnp.isfinite(grad_norm)
+  if loss is not None:
+    finite &= jnp.isfinite(loss)
+  if skip_nonfinite:
+    keep = lambda new, old: jax.tree_util.tree_map(  # noqa: E731
+        lambda n, o: jnp.where(finite, n, o), new, old)
+    new_params = keep(new_params, state.params)
+    new_opt_state = keep(new_opt_state, state.opt_state)
+  new_state = TrainState(step=state.step + 1, params=new_params, opt_state=new_opt_state)
+  return new_state, grad_norm, finite
+
+
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
                     schedule: Callable[[Any], Any], *, frozen: Any = None,
                     grad_accum_steps: int = 1, z_loss: float = 1e-4,
@@ -77,17 +96,9 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
       (grads, sums), _ = jax.lax.scan(
           body, (zeros_g, zeros_s), (micro, jnp.arange(grad_accum_steps)))
 
-    grad_norm = optax.global_norm(grads)
-    updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
-    new_params = optax.apply_updates(state.params, updates)
     loss = sums["loss"] / total_weight
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    if skip_nonfinite:
-      keep = lambda new, old: jax.tree_util.tree_map(  # noqa: E731
-          lambda n, o: jnp.where(finite, n, o), new, old)
-      new_params = keep(new_params, state.params)
-      new_opt_state = keep(new_opt_state, state.opt_state)
-    new_state = TrainState(step=state.step + 1, params=new_params, opt_state=new_opt_state)
+    new_state, grad_norm, finite = apply_gradients(state, grads, tx, loss=loss,
+                                                   skip_nonfinite=skip_nonfinite)
     metrics = {
         "loss": loss,
         "z_loss": sums["z_loss"] / total_weight,
