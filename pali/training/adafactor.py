@@ -167,12 +167,9 @@ def adafactor(learning_rate, *, clip_grad_norm: float | None = None, lr_factors=
         factor = jnp.expand_dims(row, d0) * jnp.expand_dims(col, d1)
         # The update's squared sum, sum(g^2 row^2 col^2), without the outer product written
         # out, and reduced first over the last of d0, d1 (XLA:CPU's fast direction).
-        if d1 > d0:
-          sq_sum = jnp.sum(jnp.sum(g2 * jnp.expand_dims(jnp.square(row), d0), axis=d1)
-                           * jnp.square(col))
-        else:
-          sq_sum = jnp.sum(jnp.sum(g2 * jnp.expand_dims(jnp.square(col), d1), axis=d0)
-                           * jnp.square(row))
+        inner, inner_axis, outer, first = (row, d0, col, d1) if d1 > d0 else (col, d1, row, d0)
+        sq_sum = jnp.sum(jnp.sum(g2 * jnp.expand_dims(jnp.square(inner), inner_axis), axis=first)
+                         * jnp.square(outer))
       alpha = s * lr
       if clipping_threshold is not None:  # the update (s g factor)'s RMS, not written out
         rms = s * jnp.sqrt(sq_sum / g2.size)
