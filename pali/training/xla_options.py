@@ -7,6 +7,13 @@ library fusion). XLA's default library, YNNPACK, runs a batched dot (attention's
 float32 pali_small step took 0.875x and 0.946x the time in two A/Bs (BENCHMARKS.md, "Training
 step").
 
+On every CPU, copy insertion uses region analysis (`xla_cpu_copy_insertion_use_region_analysis`).
+Without it, XLA:CPU copies an input buffer that the step donates and updates in place whenever
+it cannot prove that every reader of the old value runs before the writer of the new one: in
+the pali_small train step, 391 copies (105 MB a step) of Adafactor's second moments, whose old
+value the update's reductions read while the moment's new value is written over it. With it,
+none; the optimizer half alone took 129 against 141 ms (BENCHMARKS.md, "Training step").
+
 What stays as XLA chooses:
 - bfloat16 dots (mixed precision). This XLA hands oneDNN no bf16 x bf16 -> f32 dot, and the
   option gave the mixed step nothing (0.968x and 1.035x in two A/Bs).
@@ -41,18 +48,23 @@ from absl import logging
 _KEEP_ALIVE = 16
 _recent_onednn_executables: collections.deque = collections.deque(maxlen=_KEEP_ALIVE)
 
+REGION_ANALYSIS_COPIES = {"xla_cpu_copy_insertion_use_region_analysis": True}
 ONEDNN_DOTS = {"xla_cpu_use_onednn": True,
                "xla_cpu_experimental_onednn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
 
 
 @gin.configurable("train_xla_options")
-def train_step_compiler_options(matmul_dtype: str, onednn_float32_dots: bool = True) -> dict:
+def train_step_compiler_options(matmul_dtype: str, onednn_float32_dots: bool = True,
+                                region_analysis_copies: bool = True) -> dict:
   """XLA options for a train step whose matmuls run in `matmul_dtype` ('float32' or 'mixed',
   `mfu.run_matmul_dtype`); {} where there is nothing to change."""
-  if (onednn_float32_dots and matmul_dtype == "float32" and jax.default_backend() == "cpu"
+  if jax.default_backend() != "cpu":
+    return {}
+  options = dict(REGION_ANALYSIS_COPIES) if region_analysis_copies else {}
+  if (onednn_float32_dots and matmul_dtype == "float32"
       and platform.machine().lower() in ("x86_64", "amd64")):
-    return dict(ONEDNN_DOTS)
-  return {}
+    options.update(ONEDNN_DOTS)
+  return options
 
 
 def compile_lowered(lowered, compiler_options: dict | None):
