@@ -10,8 +10,9 @@ and per-parameter factors all multiply the update by a scalar (or the factored m
 and column factors), so the whole update is `alpha * g * row_factor * col_factor`. Its
 reductions (the update's RMS, the parameter's RMS) need no update written out: the update's
 squared sum is `s^2 * sum(g^2 * row_factor^2 * col_factor^2)`, which for a factored parameter
-is reduced over the last axis first, with no [rows, cols] factor written out either. What XLA
-still writes out is each gradient's square (several reductions read it). On pali_small the
+is reduced over the last axis first, with no [rows, cols] factor written out either. On CPU each
+reduction squares the gradient itself (`_squares`), rather than reading a square XLA would
+write out for all of them. On pali_small the
 optimizer half of the step (bench/optimizer_step.py) takes 113 ms against optax's chain's 242
 (2.1x; 187 against 340 in a slower hour). Against the rsqrt chain this module held before it
 took 162 vs 200 ms, and the mixed step 0.90-0.97x the time; reducing the factored squared sums
@@ -58,6 +59,24 @@ def _mean(x, axis: int):
   if jax.default_backend() == "cpu" and axis != x.ndim - 1 and kept > x.shape[axis]:
     return reductions.pairwise_sum(x, axis) / x.shape[axis]
   return jnp.mean(x, axis=axis)
+
+
+def _squares(g, n: int):
+  """n copies of g's float32 square; on CPU computed apart, each inside the reduction that
+  reads it.
+
+  One `jnp.square(g)` read by several reductions (the moments' row and column means, the
+  update's squared sum) is written out by XLA:CPU: a pass over every gradient to write, 98.8M
+  floats a step on pali_small, and as many to read back. Squared inside each reduction, g is
+  read instead and nothing is written: the optimizer half of the step took 130 against 161 ms
+  (BENCHMARKS.md, "Training step"). Each copy passes through its own optimization barrier,
+  tagged with its index, so that XLA cannot merge them into one square again. Other backends
+  fuse a shared producer into several reductions themselves and get the plain square.
+  """
+  if jax.default_backend() != "cpu":
+    return [jnp.square(g.astype(jnp.float32))] * n
+  return [jnp.square(jax.lax.optimization_barrier((g, jnp.int32(i)))[0].astype(jnp.float32))
+          for i in range(n)]
 
 
 def _decay_rate(step, exponent):
@@ -151,16 +170,17 @@ def adafactor(learning_rate, *, clip_grad_norm: float | None = None, lr_factors=
 
     def one(g, v_row, v_col, v, p, mu, lr_factor):
       dtype = p.dtype
-      g2 = jnp.square(g.astype(jnp.float32))
+      # One square of g per reduction that reads it (XLA would otherwise write g^2 out once).
+      g2, g2_b, g2_c = _squares(g, 3)
       dims = _factored_dims(p.shape, factored, min_dim_size_to_factor)
       if dims is None:  # full second moment
         v = (decay * v + (1.0 - decay) * (s * s * g2 + epsilon)).astype(dtype)
         factor = jax.lax.rsqrt(v.astype(jnp.float32))
-        sq_sum = jnp.sum(g2 * jnp.square(factor))
+        sq_sum = jnp.sum(g2_b * jnp.square(factor))
       else:
         d1, d0 = dims  # d0 the largest axis: v_row averages over it, v_col over d1
         v_row = (decay * v_row + (1.0 - decay) * (s * s * _mean(g2, d0) + epsilon)).astype(dtype)
-        v_col = (decay * v_col + (1.0 - decay) * (s * s * _mean(g2, d1) + epsilon)).astype(dtype)
+        v_col = (decay * v_col + (1.0 - decay) * (s * s * _mean(g2_b, d1) + epsilon)).astype(dtype)
         row_axis = d1 - 1 if d1 > d0 else d1  # d1's position once d0 is gone
         row = jax.lax.rsqrt(v_row / jnp.mean(v_row, axis=row_axis, keepdims=True))
         col = jax.lax.rsqrt(v_col)
@@ -168,7 +188,7 @@ def adafactor(learning_rate, *, clip_grad_norm: float | None = None, lr_factors=
         # The update's squared sum, sum(g^2 row^2 col^2), without the outer product written
         # out, and reduced first over the last of d0, d1 (XLA:CPU's fast direction).
         inner, inner_axis, outer, first = (row, d0, col, d1) if d1 > d0 else (col, d1, row, d0)
-        sq_sum = jnp.sum(jnp.sum(g2 * jnp.expand_dims(jnp.square(inner), inner_axis), axis=first)
+        sq_sum = jnp.sum(jnp.sum(g2_c * jnp.expand_dims(jnp.square(inner), inner_axis), axis=first)
                          * jnp.square(outer))
       alpha = s * lr
       if clipping_threshold is not None:  # the update (s g factor)'s RMS, not written out
