@@ -12,9 +12,9 @@ reductions (the update's RMS, the parameter's RMS) need no update written out: t
 squared sum is `s^2 * sum(g^2 * row_factor^2 * col_factor^2)`, which for a factored parameter
 is reduced over the last axis first, with no [rows, cols] factor written out either. On CPU each
 reduction squares the gradient itself (`_squares`), rather than reading a square XLA would
-write out for all of them. On pali_small the
-optimizer half of the step (bench/optimizer_step.py) takes 113 ms against optax's chain's 242
-(2.1x; 187 against 340 in a slower hour). Against the rsqrt chain this module held before it
+write out for all of them. On pali_small the optimizer half of the step
+(bench/optimizer_step.py, with the train step's XLA options) takes 114 ms against optax's
+chain's 249 (2.2x). Against the rsqrt chain this module held before it
 took 162 vs 200 ms, and the mixed step 0.90-0.97x the time; reducing the factored squared sums
 without the outer product took it from 134 to 111 ms (BENCHMARKS.md, "Training step").
 
