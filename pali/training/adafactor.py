@@ -14,9 +14,9 @@ is reduced over the last axis first, with no [rows, cols] factor written out eit
 reduction squares the gradient itself (`_squares`), rather than reading a square XLA would
 write out for all of them. On pali_small the optimizer half of the step
 (bench/optimizer_step.py, with the train step's XLA options) takes 114 ms against optax's
-chain's 249 (2.2x). Against the rsqrt chain this module held before it
-took 162 vs 200 ms, and the mixed step 0.90-0.97x the time; reducing the factored squared sums
-without the outer product took it from 134 to 111 ms (BENCHMARKS.md, "Training step").
+chain's 249 (2.2x). Against the rsqrt chain this module held before it took 162 vs 200 ms,
+and the mixed step 0.90-0.97x the time; reducing the factored squared sums without the outer
+product took it from 134 to 111 ms (BENCHMARKS.md, "Training step").
 
 Other CPU details: the inverse square roots are `rsqrt`; optax writes `v ** -0.5`, a general
 `power` that XLA:CPU runs 10x slower (119 vs 12 ms over 26M elements; pali_small keeps 26M
@@ -170,14 +170,14 @@ def adafactor(learning_rate, *, clip_grad_norm: float | None = None, lr_factors=
 
     def one(g, v_row, v_col, v, p, mu, lr_factor):
       dtype = p.dtype
-      # One square of g per reduction that reads it (XLA would otherwise write g^2 out once).
-      g2, g2_b, g2_c = _squares(g, 3)
       dims = _factored_dims(p.shape, factored, min_dim_size_to_factor)
       if dims is None:  # full second moment
+        g2, g2_b = _squares(g, 2)  # one per reduction that reads it
         v = (decay * v + (1.0 - decay) * (s * s * g2 + epsilon)).astype(dtype)
         factor = jax.lax.rsqrt(v.astype(jnp.float32))
         sq_sum = jnp.sum(g2_b * jnp.square(factor))
       else:
+        g2, g2_b, g2_c = _squares(g, 3)
         d1, d0 = dims  # d0 the largest axis: v_row averages over it, v_col over d1
         v_row = (decay * v_row + (1.0 - decay) * (s * s * _mean(g2, d0) + epsilon)).astype(dtype)
         v_col = (decay * v_col + (1.0 - decay) * (s * s * _mean(g2_b, d1) + epsilon)).astype(dtype)
@@ -192,7 +192,7 @@ def adafactor(learning_rate, *, clip_grad_norm: float | None = None, lr_factors=
                          * jnp.square(outer))
       alpha = s * lr
       if clipping_threshold is not None:  # the update (s g factor)'s RMS, not written out
-        rms = s * jnp.sqrt(sq_sum / g2.size)
+        rms = s * jnp.sqrt(sq_sum / g.size)
         alpha = alpha / jnp.maximum(1.0, rms / clipping_threshold)
       if multiply_by_parameter_scale:
         p_rms = jnp.sqrt(jnp.mean(jnp.square(p.astype(jnp.float32))))
