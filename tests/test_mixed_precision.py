@@ -62,6 +62,38 @@ def test_add_broadcast_refuses_a_bias_that_broadcasts_inside():
     jax.vjp(matmul.add_broadcast, _rand(0, (2, 3, 5)), _rand(1, (2, 1, 5)))
 
 
+def test_add_bias_equals_autodiff_in_float32():
+  x, bias, cot = _rand(0, (2, 3, 5, 7)), _rand(1, (5, 7)), _rand(2, (2, 3, 5, 7))
+  ours = jax.vjp(matmul.add_bias, x, bias)
+  ref = jax.vjp(lambda x, b: x + b, x, bias)
+  np.testing.assert_array_equal(ours[0], ref[0])
+  for a, b in zip(ours[1](cot), ref[1](cot)):
+    assert a.shape == b.shape and a.dtype == b.dtype == jnp.float32
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_add_bias_sums_a_bfloat16_cotangent_in_float32():
+  # 1568 rows, as pali_small's ViT (8 x 196 tokens). Autodiff's sum in bfloat16 rounds its
+  # partial sums to bfloat16; ours is the float32 sum of the bf16 values.
+  x = _rand(0, (8, 196, 16), jnp.bfloat16)
+  bias = _rand(1, (16,))
+  cot = (1.0 + jnp.abs(_rand(2, x.shape))).astype(jnp.bfloat16)
+  y, vjp = jax.vjp(matmul.add_bias, x, bias)
+  assert y.dtype == jnp.bfloat16
+  dx, dbias = vjp(cot)
+  assert dx.dtype == jnp.bfloat16 and dbias.dtype == jnp.float32
+  exact = np.asarray(cot, np.float64).sum(axis=(0, 1))
+  np.testing.assert_allclose(dbias, exact, rtol=1e-6)
+  _, ref_vjp = jax.vjp(lambda x, b: x + b.astype(x.dtype), x, bias)
+  ref_err = np.max(np.abs(np.asarray(ref_vjp(cot)[1], np.float64) - exact) / exact)
+  assert ref_err > 1e-4  # what the float32 sum avoids
+
+
+def test_add_bias_refuses_a_bias_that_is_not_trailing():
+  with pytest.raises(ValueError, match="trailing"):
+    jax.vjp(matmul.add_bias, _rand(0, (2, 3, 5)), _rand(1, (3,)))
+
+
 def test_float32_dots_take_transposes_unmaterialised_on_cpu():
   # Only 16-bit dots need row-major copies of their transposed operands on CPU; for float32
   # the copies cost the pali_small step 3.5% (BENCHMARKS.md, "Training step").

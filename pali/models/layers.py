@@ -78,7 +78,7 @@ class DenseGeneral(nn.Module):
       bias = self.param("bias", nn.with_logical_partitioning(
           nn.initializers.zeros, self.kernel_axes[-len(self.features):]), self.features,
                         jnp.float32)
-      y = y + bias.astype(self.dtype)
+      y = matmul.add_bias(y, bias)  # its gradient summed in float32
     return y
 
 
